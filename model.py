@@ -1,0 +1,377 @@
+"""
+DTP-ViT: a Vision Transformer with Dynamic Token Pooling, in one file.
+
+    image -> conv patch embedding -> [CLS] + N patch tokens + position embedding -> ln_pre
+      -> pre_layers full-length blocks                                    1 + N tokens
+      -> boundary predictor: a logit per patch token -> 0/1 boundaries (b_t = 1 closes a segment)
+      -> each segment of patches is mean-pooled into one token             1 + S tokens, S ~ N / compression
+      -> short_layers blocks on [CLS] + segments (padded per batch, padding masked)
+      -> ln_post -> [CLS] token (or masked mean of the segments) -> proj   -> image embedding
+
+Dynamic Token Pooling comes from Nawrot et al., "Efficient Transformers with Dynamic Token
+Pooling" (ACL 2023). Parameter names follow OpenCLIP's VisionTransformer, so an OpenCLIP
+checkpoint loads key for key (the boundary predictor is the only new module); the text tower
+and tokenizer are OpenCLIP's own. See ../shared/REFERENCE.md for the algorithm and the mistakes
+of the original research code that the comments below refer to.
+"""
+import difflib
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip.factory import load_state_dict
+from open_clip.model import _build_text_tower, convert_to_custom_text_state_dict, resize_pos_embed
+from open_clip.transformer import QuickGELU
+
+
+@dataclass
+class DTPConfig:
+    # the ViT; the defaults are OpenCLIP's ViT-B-32 image tower
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pre_layers: int = 2            # full-length blocks before pooling
+    short_layers: int = 10         # blocks that run on the pooled, shorter sequence
+    embed_dim: int = 512           # output embedding (CLIP's joint image-text space)
+    quick_gelu: bool = False       # OpenAI's original CLIP weights were trained with QuickGELU
+    emb_dropout: float = 0.0       # dropout on the patch + position embeddings
+    # dynamic token pooling
+    boundary: str = 'gumbel'       # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
+    compression: float = 4.0       # target patches per segment; the boundary prior is 1 / compression
+    temperature: float = 0.5       # Gumbel-Sigmoid temperature (it only scales the gradient, see below)
+    eval_boundaries: str = 'topk'  # eval: 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
+    predictor_hidden: Optional[int] = None  # hidden size of the boundary predictor (None: width)
+    pool: str = 'cls'              # image embedding: the 'cls' token or the 'mean' of the segments
+
+    def __post_init__(self):
+        choices = dict(boundary=('gumbel', 'fixed', 'none'), eval_boundaries=('topk', 'threshold'),
+                       pool=('cls', 'mean'))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not self.compression >= 1:
+            raise ValueError(f"DTPConfig.compression={self.compression}: patches per segment must be >= 1")
+        if self.width % self.heads:
+            raise ValueError(f"DTPConfig: width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"DTPConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def n_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer block, with the parameter names of OpenCLIP's ResidualAttentionBlock
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_weight,
+    in_proj_bias, out_proj), computed by F.scaled_dot_product_attention, which takes the padding
+    mask of the pooled sequence and runs fused kernels on CPU and GPU alike."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention initialises them
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, mask=None):
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, 1, L), True = attend
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    def __init__(self, width, heads, mlp_ratio, act_layer):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, hidden), gelu=act_layer(), c_proj=nn.Linear(hidden, width)))
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundaries. b is (B, N) over the patch tokens, b_t = 1 where patch t is the LAST of its segment.
+# Every function returns exact 0/1 values; only the Gumbel one also carries a gradient.
+
+def gumbel_sigmoid(logits, temperature, eps=1e-6):
+    """Hard Bernoulli(sigmoid(logits)) samples with the Gumbel-Sigmoid straight-through gradient."""
+    u = torch.rand_like(logits).clamp(eps, 1 - eps)  # clamped: log(0) would be -inf
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    # soft > 0.5 iff logits + logistic noise > 0: an exact Bernoulli draw whatever the temperature,
+    # which only sharpens the gradient. Straight-through: the value of `hard`, the gradient of `soft`.
+    hard = (soft > 0.5).float()
+    return hard + (soft - soft.detach())
+
+
+def topk_boundaries(logits, k):
+    """Exactly k boundaries per image at the most probable positions (the last patch is one of them)."""
+    logits = torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float('inf'))], dim=1)
+    return torch.zeros_like(logits).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
+
+
+def fixed_boundaries(batch, n, n_segments, device=None):
+    """Evenly spaced boundaries cutting n patches into exactly n_segments segments."""
+    seg = torch.arange(n, device=device) * n_segments // n  # segment id of each patch: 0 .. n_segments-1
+    b = torch.ones(n, device=device)
+    b[:-1] = (seg[1:] != seg[:-1]).float()
+    return b.expand(batch, n)
+
+
+def boundary_prior_loss(b, prior):
+    """-log Binomial(k = sum_t b_t; n = N, p = prior) / N, averaged over the batch. It is computed on
+    the straight-through boundaries, so the count k carries a gradient (lgamma is smooth in k);
+    a loss on round(sum(soft)) would have none."""
+    n, k = b.shape[1], b.sum(dim=1)
+    p = min(max(prior, 1e-6), 1 - 1e-6)
+    log_pmf = (math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+               + k * math.log(p) + (n - k) * math.log1p(-p))
+    return (-log_pmf / n).mean()
+
+
+def pool_segments(x, b):
+    """Mean-pool each segment of x (B, N, D) cut by the boundaries b (B, N).
+
+    Returns the segments (B, S, D), padded with zeros to the largest segment count S in the batch,
+    and `valid` (B, S), True on real segments, or None when no image needed padding.
+    """
+    n_segments = b.detach().sum(dim=1)  # exact: the last patch of every image closes a segment
+    lo, hi = (int(v) for v in torch.stack([n_segments.min(), n_segments.max()]).tolist())  # one host sync
+    # Segment id of each patch: the number of boundaries strictly before it. It is a whole number in
+    # value but carries b's gradient.
+    seg = b.cumsum(dim=1) - b
+    dist = torch.arange(hi, device=x.device, dtype=b.dtype) - seg.unsqueeze(-1)  # (B, N, S)
+    # The DTP paper's trick: weight 1 - dist where dist == 0 (patch t lies in segment s), else 0.
+    # In value that is the 0/1 membership; in gradient d weight / d seg = 1, so the task loss reaches
+    # the predictor through the pooling. (Comparing ids with == alone sends it no gradient at all.)
+    w = torch.where(dist.detach() == 0, 1 - dist, torch.zeros_like(dist))
+    w = w / w.sum(dim=1, keepdim=True).clamp(min=1)  # mean over each segment's patches; padding stays 0
+    pooled = torch.einsum('bns,bnd->bsd', w.to(x.dtype), x)
+    valid = None if lo == hi else torch.arange(hi, device=x.device) < n_segments.unsqueeze(1)
+    return pooled, valid
+
+
+# ----------------------------------------------------------------------------------------------
+
+class DTPViT(nn.Module):
+    def __init__(self, cfg: DTPConfig):
+        super().__init__()
+        self.cfg = cfg
+        width, scale = cfg.width, cfg.width ** -0.5
+        self.grid_size = (cfg.image_size // cfg.patch_size,) * 2  # OpenCLIP's resize_pos_embed reads it
+        self.conv1 = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=False)  # no bias, as OpenCLIP
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.n_patches + 1, width))
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.ln_pre = nn.LayerNorm(width)
+        act_layer = QuickGELU if cfg.quick_gelu else nn.GELU
+        # One list of blocks, named as in OpenCLIP (transformer.resblocks.i); forward() splits it.
+        self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(
+            Block(width, cfg.heads, cfg.mlp_ratio, act_layer) for _ in range(cfg.pre_layers + cfg.short_layers))))
+        if cfg.boundary == 'gumbel':
+            hidden = cfg.predictor_hidden or width
+            self.predictor = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(),
+                                           nn.Linear(hidden, 1))
+            # Start at the target rate: N / compression boundaries per image, one of which is the
+            # last patch's (always a boundary), so the other N - 1 patches get the rest.
+            N = cfg.n_patches
+            p = min(max((N / cfg.compression - 1) / max(N - 1, 1), 1e-6), 1 - 1e-6)
+            nn.init.constant_(self.predictor[-1].bias, math.log(p / (1 - p)))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def predict_boundaries(self, patches):
+        """(B, N) 0/1 boundaries for the patch tokens after the pre-layers, by the configured rule."""
+        cfg = self.cfg
+        B, N, _ = patches.shape
+        if cfg.boundary == 'fixed':
+            return fixed_boundaries(B, N, math.ceil(N / cfg.compression), patches.device)
+        # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
+        with torch.autocast(patches.device.type, enabled=False):
+            logits = self.predictor(patches.float()).squeeze(-1)
+        if self.training:
+            return gumbel_sigmoid(logits, cfg.temperature)
+        # Eval is deterministic: no noise, so an image always gets the same segments.
+        if cfg.eval_boundaries == 'topk':
+            return topk_boundaries(logits, min(N, max(1, round(N / cfg.compression))))
+        return (logits > 0).float()
+
+    def forward(self, images, boundaries=None):
+        """images (B, 3, H, W) -> (features (B, embed_dim), aux).
+
+        boundaries: optional (B, N) 0/1 tensor used instead of the predicted ones, e.g. to simulate a
+        compression ratio (flops.py) or to give every patch its own segment (tests). The predictor
+        still runs, so its cost stays in the graph.
+        aux: boundary_loss (scalar), n_segments (B,), compression (patches per segment over the
+        whole batch), boundaries (B, N).
+        """
+        cfg = self.cfg
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        B, N, _ = x.shape
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)
+        x = self.ln_pre(self.emb_dropout(x + self.positional_embedding.to(x.dtype)))
+        blocks = self.transformer.resblocks
+        for block in blocks[:cfg.pre_layers]:
+            x = block(x)
+
+        mask = valid = None
+        if cfg.boundary == 'none':
+            b = x.new_ones(B, N, dtype=torch.float32)
+        else:
+            b = self.predict_boundaries(x[:, 1:])
+            if boundaries is not None:
+                b = boundaries.to(device=x.device, dtype=torch.float32)
+            # The last patch always closes a segment, so no patch is ever left out of the pooling.
+            b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
+            segments, valid = pool_segments(x[:, 1:], b)
+            x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
+            if valid is not None:  # padded segments are never attended to
+                mask = F.pad(valid, (1, 0), value=True)[:, None, None, :]
+        for block in blocks[cfg.pre_layers:]:
+            x = block(x, mask)
+
+        if cfg.pool == 'cls':
+            x = self.ln_post(x[:, 0])
+        else:  # masked mean over the real segments (or all patches for the plain ViT)
+            tokens = self.ln_post(x[:, 1:])
+            if valid is None:
+                x = tokens.mean(dim=1)
+            else:
+                x = tokens.masked_fill(~valid.unsqueeze(-1), 0).sum(1) / valid.sum(1, keepdim=True)
+        features = x @ self.proj
+
+        n_segments = b.detach().sum(dim=1).long()
+        prior_loss = boundary_prior_loss(b, 1 / cfg.compression) if cfg.boundary == 'gumbel' else b.new_zeros(())
+        aux = dict(boundary_loss=prior_loss, n_segments=n_segments, boundaries=b.detach(),
+                   compression=N / n_segments.float().mean())
+        return features, aux
+
+
+class CLIP(nn.Module):
+    """A DTP-ViT image tower and OpenCLIP's own text tower, laid out as OpenCLIP's CustomTextCLIP
+    (visual.*, text.*, logit_scale)."""
+
+    def __init__(self, vision_cfg: DTPConfig, text_cfg):
+        super().__init__()
+        self.visual = DTPViT(vision_cfg)
+        # text_cfg: a dict or open_clip.CLIPTextCfg, as in OpenCLIP's model configs
+        self.text = _build_text_tower(vision_cfg.embed_dim, text_cfg, quick_gelu=vision_cfg.quick_gelu)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, images, normalize=False):
+        features, _ = self.visual(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, texts, normalize=False):
+        features = self.text(texts)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images, texts):
+        """Everything a training step needs in one call (DDP hooks into forward): normalized
+        image_features and text_features, logit_scale (exponentiated), and the image tower's aux."""
+        image_features, aux = self.visual(images)
+        return dict(image_features=F.normalize(image_features, dim=-1),
+                    text_features=self.encode_text(texts, normalize=True),
+                    logit_scale=self.logit_scale.exp(), **aux)
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenCLIP configs and checkpoints
+
+# Vision-tower options of OpenCLIP configs that this ViT does not implement: a config that turns
+# one on is refused rather than silently built without it.
+_SUPPORTED_VISION_KEYS = {'image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size', 'pool_type'}
+_OFF_VALUES = (None, False, 0, 0.0, '', 'learnable', 'default', 'tok')
+
+
+def _checkpoint_file(model_name, pretrained):
+    if os.path.isfile(pretrained):
+        return pretrained
+    pretrained_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not pretrained_cfg:
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} is neither a file nor an OpenCLIP tag of {model_name} "
+            f"(its tags: {open_clip.list_pretrained_tags_by_model(model_name)})")
+    try:
+        return open_clip.download_pretrained(pretrained_cfg)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not fetch OpenCLIP weights {model_name}/{pretrained} ({type(e).__name__}: {e}). "
+            f"Without internet, download the checkpoint elsewhere and pass the local file: "
+            f"load_openclip({model_name!r}, '/path/to/open_clip_pytorch_model.bin')") from e
+
+
+def load_openclip(model_name='ViT-B-32', pretrained=None, **overrides) -> CLIP:
+    """A DTP-ViT CLIP with the architecture of an OpenCLIP ViT config, e.g. 'ViT-B-32', 'ViT-B-16',
+    'ViT-L-14', 'ViT-B-32-quickgelu', and optionally its weights: `pretrained` is a local checkpoint
+    in OpenCLIP's format (.pt/.bin/.safetensors; raw or {'state_dict': ...}, 'module.' prefixes
+    allowed) or an OpenCLIP pretrained tag such as 'laion2b_s34b_b79k' (downloaded by open_clip).
+    overrides: any DTPConfig field (compression=10, boundary='none', pre_layers=3, ...)."""
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
+        raise ValueError(f"unknown OpenCLIP model {model_name!r}; close matches: {close}")
+    vision = cfg['vision_cfg']
+    unsupported = {k: v for k, v in vision.items() if k not in _SUPPORTED_VISION_KEYS and v not in _OFF_VALUES}
+    if unsupported or not isinstance(vision.get('layers'), int) or vision.get('pool_type', 'tok') not in ('tok', 'avg'):
+        raise ValueError(f"{model_name} is not a plain OpenCLIP ViT; this DTP-ViT does not implement: "
+                         f"{unsupported or {k: vision.get(k) for k in ('layers', 'pool_type')}}")
+    names = {f.name for f in fields(DTPConfig)}
+    for key in overrides:
+        if key not in names:
+            raise TypeError(f"load_openclip: unknown DTPConfig field {key!r}; "
+                            f"close matches: {difflib.get_close_matches(key, names)}")
+
+    quick_gelu = cfg.get('quick_gelu', False)
+    if pretrained and not os.path.isfile(pretrained):  # OpenAI's weights need QuickGELU: follow the tag
+        quick_gelu = (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get('quick_gelu', quick_gelu)
+    depth, width = vision['layers'], vision['width']
+    pre_layers = overrides.pop('pre_layers', 2)
+    short_layers = overrides.pop('short_layers', depth - pre_layers)
+    if pre_layers + short_layers != depth or pre_layers < 0 or short_layers < 0:
+        raise ValueError(f"pre_layers ({pre_layers}) + short_layers ({short_layers}) must equal the depth "
+                         f"of {model_name} ({depth} blocks)")
+    image_size = vision.get('image_size', 224)
+    vision_cfg = DTPConfig(**{
+        **dict(image_size=image_size if isinstance(image_size, int) else image_size[0],
+               patch_size=vision['patch_size'], width=width, heads=width // vision.get('head_width', 64),
+               mlp_ratio=vision.get('mlp_ratio', 4.0), embed_dim=cfg['embed_dim'], quick_gelu=quick_gelu,
+               pool='mean' if vision.get('pool_type') == 'avg' else 'cls',
+               pre_layers=pre_layers, short_layers=short_layers),
+        **overrides})
+    model = CLIP(vision_cfg, cfg['text_cfg'])
+    if pretrained:
+        load_checkpoint(model, _checkpoint_file(model_name, pretrained))
+    return model
+
+
+def load_checkpoint(model: CLIP, path):
+    """Load an OpenCLIP checkpoint file into a DTP-ViT CLIP. Every weight must find its place: a key
+    of the checkpoint that the model lacks, or a weight of the model (other than the boundary
+    predictor, which OpenCLIP does not have) that the checkpoint lacks, is an error naming it."""
+    state_dict = load_state_dict(path)  # weights_only=True; handles safetensors and 'module.'
+    state_dict = convert_to_custom_text_state_dict(state_dict)  # CLIP's flat text keys -> text.*
+    resize_pos_embed(state_dict, model)  # only acts when the image size differs from the checkpoint's
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.startswith('visual.predictor.')]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")

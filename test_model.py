@@ -1,0 +1,301 @@
+"""Tests of model.py. Real ViT-B-32 shapes where a test is about ViT-B-32, tiny configs elsewhere."""
+import math
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import model as M
+from model import CLIP, DTPConfig, DTPViT, load_openclip
+
+TEXT_TINY = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+
+
+def tiny(**kw):
+    """A small DTP-ViT: 64 patches of 4x4 pixels, width 32."""
+    return DTPConfig(**{**dict(image_size=32, patch_size=4, width=32, heads=2, pre_layers=1, short_layers=2,
+                               embed_dim=16, predictor_hidden=32), **kw})
+
+
+@pytest.fixture(scope='module')
+def openclip_b32(tmp_path_factory):
+    """A randomly initialised OpenCLIP ViT-B-32, every weight perturbed (so a LayerNorm bias left at
+    zero or a scale left at one cannot hide a mapping mistake), saved in three checkpoint formats."""
+    torch.manual_seed(0)
+    ref = open_clip.create_model('ViT-B-32').eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp('ckpt')
+    state_dict = ref.state_dict()
+    torch.save(state_dict, d / 'raw.pt')
+    torch.save({'state_dict': {'module.' + k: v for k, v in state_dict.items()}, 'epoch': 3}, d / 'ddp.pt')
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(d / 'model.safetensors'))
+    images = torch.randn(3, 3, 224, 224)
+    texts = open_clip.get_tokenizer('ViT-B-32')(['a dog', 'a small red circle in the top left corner', ''])
+    with torch.no_grad():
+        expected = ref.encode_image(images), ref.encode_text(texts)
+    return d, images, texts, expected
+
+
+# 1. equivalence with OpenCLIP ----------------------------------------------------------------
+
+@pytest.mark.parametrize('fmt', ['raw.pt', 'ddp.pt', 'model.safetensors'])
+def test_plain_vit_reproduces_openclip(openclip_b32, fmt):
+    d, images, texts, (ref_image, ref_text) = openclip_b32
+    model = load_openclip('ViT-B-32', str(d / fmt), boundary='none').eval()
+    assert model.visual.cfg.heads == 12 and len(model.visual.transformer.resblocks) == 12
+    with torch.no_grad():
+        image, text = model.encode_image(images), model.encode_text(texts)
+    assert (image - ref_image).abs().max() <= 1e-5
+    assert (text - ref_text).abs().max() <= 1e-5
+    assert ref_image.abs().max() > 1  # the comparison is not between two near-zero tensors
+
+
+def test_gumbel_with_every_patch_a_boundary_reproduces_openclip(openclip_b32):
+    d, images, texts, (ref_image, _) = openclip_b32
+    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='gumbel', compression=4).eval()
+    with torch.no_grad():
+        forced, aux = model.visual(images, boundaries=torch.ones(3, 49))
+        # compression 1 asks for one segment per patch from the predictor's own top-k
+        model.visual.cfg.compression = 1.0
+        topk, aux1 = model.visual(images)
+    assert aux['n_segments'].tolist() == [49] * 3 and aux1['n_segments'].tolist() == [49] * 3
+    assert (forced - ref_image).abs().max() <= 1e-5
+    assert (topk - ref_image).abs().max() <= 1e-5
+
+
+def test_loader_maps_every_weight_and_names_what_is_wrong(openclip_b32, tmp_path):
+    d, *_ = openclip_b32
+    state_dict = torch.load(d / 'raw.pt', weights_only=True)
+    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), pre_layers=3)
+    ours = model.state_dict()
+    for k, v in state_dict.items():  # every checkpoint weight landed, bit for bit
+        k = k if k.startswith('visual.') or k == 'logit_scale' else 'text.' + k
+        assert torch.equal(ours[k], v), k
+    assert model.visual.cfg.pre_layers == 3 and model.visual.cfg.short_layers == 9
+
+    missing = {k: v for k, v in state_dict.items() if k != 'visual.ln_pre.bias'}
+    torch.save(missing, tmp_path / 'missing.pt')
+    with pytest.raises(KeyError, match=r'visual\.ln_pre\.bias'):
+        load_openclip('ViT-B-32', str(tmp_path / 'missing.pt'))
+    torch.save({**state_dict, 'visual.extra_token': torch.zeros(3)}, tmp_path / 'extra.pt')
+    with pytest.raises(KeyError, match=r'visual\.extra_token'):
+        load_openclip('ViT-B-32', str(tmp_path / 'extra.pt'))
+    with pytest.raises(ValueError, match=r'must equal the depth'):
+        load_openclip('ViT-B-32', pre_layers=2, short_layers=8)
+    with pytest.raises(TypeError, match=r"compresion.*compression"):
+        load_openclip('ViT-B-32', compresion=4)
+    with pytest.raises(ValueError, match=r'ViT-B-32'):
+        load_openclip('ViT-B-23')
+    with pytest.raises(FileNotFoundError, match=r'neither a file nor an OpenCLIP tag'):
+        load_openclip('ViT-B-32', 'no_such_tag_or_file')
+
+
+def test_pretrained_tag_offline_asks_for_a_local_file(monkeypatch):
+    def offline(cfg, **kw):
+        raise FileNotFoundError('Name or service not known')
+    monkeypatch.setattr(open_clip, 'download_pretrained', offline)
+    with pytest.raises(RuntimeError, match=r'pass the local file.*load_openclip'):
+        load_openclip('ViT-B-32', 'laion2b_s34b_b79k')
+
+
+def test_openclip_configs_map_to_the_right_architecture():
+    b16 = load_openclip('ViT-B-16')
+    assert (b16.visual.cfg.heads, b16.visual.cfg.patch_size, b16.visual.cfg.n_patches) == (12, 16, 196)
+    s32 = load_openclip('ViT-S-32', compression=10)
+    assert (s32.visual.cfg.width, s32.visual.cfg.heads, s32.visual.cfg.embed_dim) == (384, 6, 384)
+    quick = load_openclip('ViT-B-32-quickgelu')
+    assert quick.visual.cfg.quick_gelu
+    assert isinstance(quick.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert isinstance(quick.text.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+
+
+# 2. the task loss reaches the predictor ---------------------------------------------------------
+
+def test_task_loss_alone_reaches_every_predictor_parameter():
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(compression=4)).train()
+    features, aux = vit(torch.randn(4, 3, 32, 32))
+    features.square().sum().backward()  # no boundary loss in this loss
+    for name, p in vit.predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# 3. batch invariance --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('pool', ['cls', 'mean'])
+@pytest.mark.parametrize('eval_boundaries', ['threshold', 'topk'])
+def test_features_do_not_depend_on_the_rest_of_the_batch(pool, eval_boundaries):
+    torch.manual_seed(0)
+    cfg = DTPConfig(pool=pool, eval_boundaries=eval_boundaries, compression=4)  # ViT-B-32 shapes
+    vit = DTPViT(cfg).eval()
+    with torch.no_grad():
+        vit.predictor[-1].bias.zero_()  # thresholds near 0.5: segment counts differ from image to image
+        images = torch.randn(5, 3, 224, 224)
+        batch, aux = vit(images)
+        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
+    if eval_boundaries == 'threshold':  # the property under test needs padding in the batch
+        assert len(set(aux['n_segments'].tolist())) > 1, aux['n_segments']
+    assert (batch - alone).abs().max() <= 1e-5
+
+
+# 4. deterministic evaluation --------------------------------------------------------------------
+
+@pytest.mark.parametrize('eval_boundaries', ['threshold', 'topk'])
+def test_eval_is_deterministic_and_train_is_sampled(eval_boundaries):
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(eval_boundaries=eval_boundaries))
+    with torch.no_grad():
+        vit.predictor[-1].bias.zero_()
+    images = torch.randn(4, 3, 32, 32)
+    vit.eval()
+    (f1, a1), (f2, a2) = vit(images), vit(images)
+    assert torch.equal(f1, f2) and torch.equal(a1['boundaries'], a2['boundaries'])
+    vit.train()
+    assert not torch.equal(vit(images)[1]['boundaries'], vit(images)[1]['boundaries'])
+
+
+@pytest.mark.parametrize('compression', [2.0, 4.0, 10.0])
+def test_default_eval_compression_matches_training(compression):
+    """A fresh predictor is uncertain: thresholding it at 0.5 keeps almost no boundaries, so the
+    default eval rule must be the one that keeps eval-time compression near training's."""
+    torch.manual_seed(0)
+    vit = DTPViT(DTPConfig(compression=compression))  # ViT-B-32 shapes
+    images = torch.randn(32, 3, 224, 224)
+    with torch.no_grad():
+        train = torch.stack([vit.train()(images)[1]['compression'] for _ in range(3)]).mean()
+        default = vit.eval()(images)[1]['compression']
+    assert abs(default / train - 1) <= 0.15, (train, default)
+    assert abs(train / compression - 1) <= 0.1  # the predictor starts at the target rate
+
+
+# 5. conservation -------------------------------------------------------------------------------
+
+def test_every_patch_is_pooled_exactly_once():
+    torch.manual_seed(0)
+    B, N = 6, 49
+    raw = (torch.rand(B, N) < 0.2).float()
+    raw[0] = 0  # no boundary at all: one segment of everything
+    raw[1, -1] = 0  # patches after the last boundary must form a segment, not be dropped
+    raw[2] = 1  # one segment per patch
+    b = torch.cat([raw[:, :-1], torch.ones(B, 1)], dim=1)  # what the model does
+    x = torch.eye(N).expand(B, N, N)  # patch t is the unit vector e_t
+    pooled, valid = M.pool_segments(x, b)
+    n_segments = b.sum(1).long()
+    counts = (pooled > 0).sum(-1)  # patches in each segment
+    for i in range(B):
+        S = n_segments[i]
+        # segment s holds its patches with weight 1/count each: times the count, a 0/1 membership
+        membership = pooled[i, :S] * counts[i, :S, None]
+        assert torch.allclose(membership.sum(0), torch.ones(N))  # every patch in exactly one segment
+        assert torch.allclose(membership, membership.round())
+        assert (counts[i, :S] > 0).all() and (pooled[i, S:] == 0).all()  # padding is empty
+        assert valid is None or valid[i].sum() == S
+    assert n_segments[0] == 1 and n_segments[2] == N
+
+
+def test_last_patch_always_closes_a_segment():
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(compression=8))
+    images = torch.randn(8, 3, 32, 32)
+    for mode in ['train', 'eval']:
+        getattr(vit, mode)()
+        assert (vit(images)[1]['boundaries'][:, -1] == 1).all()
+    _, aux = vit(images, boundaries=torch.zeros(8, 64))  # even when the caller forgets it
+    assert aux['n_segments'].tolist() == [1] * 8
+
+
+# 6. boundary prior -----------------------------------------------------------------------------
+
+def test_boundary_loss_is_the_binomial_nll():
+    b = (torch.rand(5, 49) < 0.3).float()
+    for prior in [0.1, 0.25, 0.5]:
+        k = b.sum(1)
+        expected = -torch.distributions.Binomial(49, probs=torch.tensor(prior)).log_prob(k) / 49
+        assert torch.allclose(M.boundary_prior_loss(b, prior), expected.mean(), atol=1e-6)
+
+
+@pytest.mark.parametrize('compression', [4.0, 10.0])
+def test_boundary_loss_alone_trains_the_rate_to_the_target(compression):
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(image_size=64, compression=compression)).train()  # 256 patches
+    with torch.no_grad():
+        vit.predictor[-1].bias.zero_()  # start far from the target: rate 0.5
+    opt = torch.optim.Adam(vit.predictor.parameters(), lr=3e-3)
+    rates = []
+    for step in range(300):
+        _, aux = vit(torch.randn(16, 3, 64, 64))
+        opt.zero_grad()
+        aux['boundary_loss'].backward()
+        opt.step()
+        rates.append(aux['boundaries'].mean().item())
+    achieved, target = sum(rates[-50:]) / 50, 1 / compression
+    print(f'compression {compression}: boundary rate {achieved:.4f}, target {target:.4f}')
+    assert abs(achieved - target) <= 0.1 * target
+
+
+# 7. fixed pooling and mixed precision ----------------------------------------------------------
+
+@pytest.mark.parametrize('n', [49, 196, 64])
+@pytest.mark.parametrize('compression', [1, 2, 3, 4, 10, 49])
+def test_fixed_boundaries_give_ceil_n_over_r_even_segments(n, compression):
+    S = min(n, math.ceil(n / compression))
+    b = M.fixed_boundaries(2, n, S)
+    assert (b.sum(1) == S).all() and b[0, -1] == 1
+    ends = torch.nonzero(b[0]).flatten()
+    sizes = torch.diff(ends, prepend=torch.tensor([-1]))
+    assert sizes.max() - sizes.min() <= 1
+
+
+def test_fixed_mode_in_the_model():
+    vit = DTPViT(DTPConfig(boundary='fixed', compression=4)).eval()  # ViT-B-32: 49 patches
+    with torch.no_grad():
+        _, aux = vit(torch.randn(2, 3, 224, 224))
+    assert aux['n_segments'].tolist() == [13, 13] and aux['boundary_loss'] == 0
+    assert not hasattr(vit, 'predictor')
+
+
+def test_topk_eval_gives_round_n_over_r_segments():
+    vit = DTPViT(tiny(compression=3.0)).eval()
+    with torch.no_grad():
+        _, aux = vit(torch.randn(4, 3, 32, 32))
+    assert aux['n_segments'].tolist() == [round(64 / 3)] * 4
+    assert abs(aux['compression'] - 64 / 21) < 1e-5
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_mixed_precision_forward_backward_is_finite(dtype):
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(compression=4)).train()
+    with torch.no_grad():  # a confident predictor: probabilities near 0 and 1, where fp16 broke
+        vit.predictor[-1].weight.mul_(50)
+    with torch.autocast('cpu', dtype=dtype):
+        features, aux = vit(torch.randn(4, 3, 32, 32))
+        loss = features.float().square().mean() + aux['boundary_loss']
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in vit.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+# CLIP wrapper ---------------------------------------------------------------------------------
+
+def test_clip_forward_returns_what_a_training_step_needs():
+    torch.manual_seed(0)
+    model = CLIP(tiny(), TEXT_TINY).train()
+    texts = open_clip.tokenize(['a red circle', 'a blue square'], context_length=16)
+    out = model(torch.randn(2, 3, 32, 32), texts)
+    assert set(out) >= {'image_features', 'text_features', 'logit_scale', 'boundary_loss', 'compression',
+                        'n_segments', 'boundaries'}
+    assert torch.allclose(out['image_features'].norm(dim=-1), torch.ones(2))
+    assert torch.allclose(out['logit_scale'], torch.tensor(1 / 0.07))
+    assert torch.allclose(model.encode_text(texts, normalize=True), out['text_features'])
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match='boundary'):
+        DTPConfig(boundary='dynamic')
+    with pytest.raises(ValueError, match='compression'):
+        DTPConfig(compression=0.5)

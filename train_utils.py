@@ -1,0 +1,163 @@
+"""
+The plumbing train_clip.py and train_cls.py share: the nanoGPT-style configurator, torchrun/DDP
+setup, atomic checkpoints, the learning-rate schedule, AdamW parameter groups and evaluation.
+"""
+import ast
+import contextlib
+import difflib
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration, as nanoGPT's configurator: a script's globals are the defaults; positional
+# arguments are Python files executed in order; then --key=value pairs, literal-evaluated.
+# A key that is not a default, or a value of another type, stops the run before anything starts.
+
+def config_keys(namespace):
+    """The configurable globals of a script: plain values whose names do not start with '_'."""
+    return [k for k, v in namespace.items()
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
+
+
+def _check(config, key, value, source):
+    if key not in config:
+        close = difflib.get_close_matches(key, list(config), n=3)
+        raise SystemExit(f"config error ({source}): unknown key {key!r}"
+                         + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ''))
+    default = config[key]
+    if default is None or value is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:  # lr=1 is a float to anyone
+        return float(value)
+    if isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(default)(value)
+    raise SystemExit(f"config error ({source}): {key}={value!r} is a {type(value).__name__}, "
+                     f"expected a {type(default).__name__} like the default {default!r}")
+
+
+def configure(config, argv=None):
+    """Return config (a dict of defaults) updated by the config files and --key=value overrides in argv."""
+    config = dict(config)
+    for arg in sys.argv[1:] if argv is None else argv:
+        if not arg.startswith('--'):
+            if not os.path.isfile(arg):
+                raise SystemExit(f"config error: no config file {arg!r}")
+            namespace = dict(config)
+            exec(compile(open(arg).read(), arg, 'exec'), namespace)
+            for key in config_keys(namespace):
+                if key not in config or namespace[key] is not config[key]:
+                    config[key] = _check(config, key, namespace[key], arg)
+        else:
+            key, eq, value = arg[2:].partition('=')
+            if not eq:
+                raise SystemExit(f"config error: expected --key=value, got {arg!r}")
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # a bare word: keep it as a string, e.g. --out_dir=out/run1
+            config[key] = _check(config, key, value, arg)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun / DDP
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment; a single process without it."""
+    if 'RANK' not in os.environ:
+        return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'))
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        device = torch.device('cpu')
+        dist.init_process_group('gloo')
+    return rank, world_size, device
+
+
+def autocast(device, precision):
+    """bf16/fp16 autocast on CUDA for precision 'bf16'/'fp16'; fp32 otherwise (and on CPU)."""
+    if device.type == 'cuda' and precision in ('bf16', 'fp16'):
+        return torch.autocast('cuda', dtype=torch.bfloat16 if precision == 'bf16' else torch.float16)
+    return contextlib.nullcontext()
+
+
+def sync(device):
+    """Wait for the GPU, so that step times measure the work and not its queueing."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device):
+    """Peak memory allocated by tensors since the last reset (CUDA only; None on CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation and checkpoints
+
+def param_groups(named_parameters, weight_decay):
+    """AdamW groups: no weight decay on norms, biases, embeddings, logit_scale (vectors, scalars and
+    the position/token embeddings), as OpenCLIP and nanoGPT do."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or 'embedding' in name or 'logit_scale' in name
+        (no_decay if skip else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):
+    """Linear warmup for warmup_steps, then cosine decay from lr to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model):
+    """The module inside DDP and torch.compile wrappers (whose state dict keys are the plain ones)."""
+    model = getattr(model, 'module', model)
+    return getattr(model, '_orig_mod', model)
+
+
+def log_jsonl(path, record):
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(logits_fn, loader, device, precision='fp32'):
+    """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
+    over a loader of (images, labels)."""
+    correct1 = correct5 = n = patches = segments = 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, precision):
+            logits, aux = logits_fn(images)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += (top5[:, 0] == labels).sum().item()
+        correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        n += len(labels)
+        patches += aux['boundaries'].numel()
+        segments += aux['n_segments'].sum().item()
+    return dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)

@@ -57,6 +57,8 @@ class DTPConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.pre_layers < 0 or self.short_layers < 0:
+            raise ValueError(f"DTPConfig: pre_layers={self.pre_layers}, short_layers={self.short_layers} must be >= 0")
         if not self.compression >= 1:
             raise ValueError(f"DTPConfig.compression={self.compression}: patches per segment must be >= 1")
         if self.width % self.heads:
@@ -320,12 +322,15 @@ def _checkpoint_file(model_name, pretrained):
             f"load_openclip({model_name!r}, '/path/to/open_clip_pytorch_model.bin')") from e
 
 
-def load_openclip(model_name='ViT-B-32', pretrained=None, **overrides) -> CLIP:
+def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides) -> CLIP:
     """A DTP-ViT CLIP with the architecture of an OpenCLIP ViT config, e.g. 'ViT-B-32', 'ViT-B-16',
     'ViT-L-14', 'ViT-B-32-quickgelu', and optionally its weights: `pretrained` is a local checkpoint
     in OpenCLIP's format (.pt/.bin/.safetensors; raw or {'state_dict': ...}, 'module.' prefixes
     allowed) or an OpenCLIP pretrained tag such as 'laion2b_s34b_b79k' (downloaded by open_clip).
-    overrides: any DTPConfig field (compression=10, boundary='none', pre_layers=3, ...)."""
+    overrides: any DTPConfig field (compression=10, boundary='none', pre_layers=3, width=256, ...);
+    text: overrides of OpenCLIP's text_cfg (e.g. dict(width=256, layers=4, context_length=32)).
+    With weights, pre_layers + short_layers must be the checkpoint's depth; without, short_layers
+    defaults to the config's depth minus pre_layers and may be set freely."""
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
@@ -347,9 +352,9 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, **overrides) -> CLIP:
     depth, width = vision['layers'], vision['width']
     pre_layers = overrides.pop('pre_layers', 2)
     short_layers = overrides.pop('short_layers', depth - pre_layers)
-    if pre_layers + short_layers != depth or pre_layers < 0 or short_layers < 0:
+    if pretrained and pre_layers + short_layers != depth:
         raise ValueError(f"pre_layers ({pre_layers}) + short_layers ({short_layers}) must equal the depth "
-                         f"of {model_name} ({depth} blocks)")
+                         f"of the {model_name} checkpoint ({depth} blocks)")
     image_size = vision.get('image_size', 224)
     vision_cfg = DTPConfig(**{
         **dict(image_size=image_size if isinstance(image_size, int) else image_size[0],
@@ -358,7 +363,7 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, **overrides) -> CLIP:
                pool='mean' if vision.get('pool_type') == 'avg' else 'cls',
                pre_layers=pre_layers, short_layers=short_layers),
         **overrides})
-    model = CLIP(vision_cfg, cfg['text_cfg'])
+    model = CLIP(vision_cfg, {**cfg['text_cfg'], **(text or {})})
     if pretrained:
         load_checkpoint(model, _checkpoint_file(model_name, pretrained))
     return model

@@ -84,7 +84,10 @@ def test_loader_maps_every_weight_and_names_what_is_wrong(openclip_b32, tmp_path
     with pytest.raises(KeyError, match=r'visual\.extra_token'):
         load_openclip('ViT-B-32', str(tmp_path / 'extra.pt'))
     with pytest.raises(ValueError, match=r'must equal the depth'):
-        load_openclip('ViT-B-32', pre_layers=2, short_layers=8)
+        load_openclip('ViT-B-32', str(d / 'raw.pt'), pre_layers=2, short_layers=8)
+    small = load_openclip('ViT-B-32', pre_layers=1, short_layers=2, width=64, heads=2,
+                          text=dict(width=32, heads=2, layers=1, context_length=16))  # no weights: any depth
+    assert len(small.visual.transformer.resblocks) == 3 and small.text.context_length == 16
     with pytest.raises(TypeError, match=r"compresion.*compression"):
         load_openclip('ViT-B-32', compresion=4)
     with pytest.raises(ValueError, match=r'ViT-B-32'):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 def config_keys(namespace):
     """The configurable globals of a script: plain values whose names do not start with '_'."""
     return [k for k, v in namespace.items()
-            if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, type(None)))]
+            if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict, type(None)))]
 
 
 def _check(config, key, value, source):
@@ -161,3 +161,35 @@ def evaluate(logits_fn, loader, device, precision='fp32'):
         patches += aux['boundaries'].numel()
         segments += aux['n_segments'].sum().item()
     return dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)
+
+
+def save_segments_png(path, images, boundaries, grid_size, mean, std, nrow=8):
+    """Save a grid of images with their segments drawn on them: patches of one segment share a
+    tint, and a line separates neighbouring patches of different segments (segments run in raster
+    order, so one may wrap from the end of a row to the start of the next)."""
+    from PIL import Image, ImageDraw
+    images = images.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    images = (images.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+    seg = (boundaries.cumsum(1) - boundaries).long().view(-1, *grid_size).cpu()  # segment id per patch
+    H, W = images.shape[1:3]
+    ph, pw = H // grid_size[0], W // grid_size[1]
+    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+    ncol = min(nrow, len(images))
+    sheet = Image.new('RGB', (ncol * (W + 2), math.ceil(len(images) / ncol) * (H + 2)), 'white')
+    for i, (image, s) in enumerate(zip(images, seg)):
+        tile = Image.fromarray(image)
+        tint = Image.new('RGB', tile.size)
+        draw = ImageDraw.Draw(tint)
+        for r in range(grid_size[0]):
+            for c in range(grid_size[1]):
+                draw.rectangle([c * pw, r * ph, (c + 1) * pw - 1, (r + 1) * ph - 1], fill=palette[s[r, c] % len(palette)])
+        tile = Image.blend(tile, tint, 0.3)
+        draw = ImageDraw.Draw(tile)
+        for r in range(grid_size[0]):
+            for c in range(grid_size[1]):
+                if c + 1 < grid_size[1] and s[r, c] != s[r, c + 1]:
+                    draw.line([((c + 1) * pw, r * ph), ((c + 1) * pw, (r + 1) * ph)], fill='white')
+                if r + 1 < grid_size[0] and s[r, c] != s[r + 1, c]:
+                    draw.line([(c * pw, (r + 1) * ph), ((c + 1) * pw, (r + 1) * ph)], fill='white')
+        sheet.paste(tile, ((i % ncol) * (W + 2), (i // ncol) * (H + 2)))
+    sheet.save(path)

@@ -1,0 +1,5 @@
+# The demo with fixed pooling: evenly spaced segments of 4 patches (ceil(64 / 4) = 16 segments).
+#   python train_clip.py config/shapes_fixed4x.py
+out_dir = 'out/clip-shapes-fixed4x'
+boundary = 'fixed'
+compression = 4.0

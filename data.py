@@ -1,0 +1,448 @@
+"""Data for DTP-ViT.
+
+Two on-disk formats cover everything we train on:
+  * webdataset tar shards as written by img2dataset (CC12M, LAION, ...):
+    {key}.jpg, {key}.txt (caption), {key}.json (metadata), optionally {key}.cls (label)
+  * an ImageFolder tree root/{train,val}/<class>/<image> (ImageNet)
+
+The built-in "shapes" dataset is procedurally generated and written in exactly
+those formats, so demos and tests exercise the same code paths as real runs:
+
+    python data.py            # writes data/shapes/ once (idempotent), prints a summary
+"""
+import argparse
+import fcntl
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import shutil
+import tarfile
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import webdataset as wds
+from PIL import Image, ImageDraw
+from torchvision.datasets import ImageFolder
+
+# -----------------------------------------------------------------------------
+# The shapes dataset: one dominant coloured shape per image, label = colour x shape
+
+SHAPES_VERSION = 1  # bump whenever the generator changes, so old data is regenerated
+# No colour starts with a vowel, so "a {classname}" prompts are always grammatical.
+COLOURS = {'red': (215, 40, 40), 'yellow': (240, 205, 30), 'green': (40, 160, 60),
+           'blue': (35, 80, 215), 'purple': (135, 50, 175), 'pink': (245, 125, 185)}
+SHAPES = ['circle', 'square', 'triangle', 'star', 'cross']
+SHAPES_CLASSNAMES = [f'{c} {s}' for c in COLOURS for s in SHAPES]  # index == label
+# Zero-shot prompts, same form as open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES.
+SHAPES_TEMPLATES = (
+    lambda c: f'a photo of a {c}.',
+    lambda c: f'a {c}.',
+    lambda c: f'a small {c}.',
+    lambda c: f'a large {c}.',
+    lambda c: f'a {c} on a plain background.',
+    lambda c: f'a {c} on a textured background.',
+)
+SIZES = {'small': 0.30, 'medium-sized': 0.42, 'large': 0.56}  # shape diameter / image side
+BACKGROUNDS = ['plain', 'plain', 'striped', 'checkered', 'noisy']  # plain 40% of the time
+CAPTIONS = ['a photo of a {size} {name} {pos}', 'a {size} {name} {pos}',
+            'an image of a {size} {name} {pos}', 'a picture showing a {size} {name} {pos}',
+            'there is a {size} {name} {pos}']
+SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges even at 32-64 px
+SHAPES_ROOT = str(Path(__file__).resolve().parent / 'data' / 'shapes')  # git-ignored
+
+
+def _class_dir(label):
+    # ImageFolder sorts class folders alphabetically; the zero-padded label prefix
+    # makes that order equal to label order, so ImageFolder's targets == our labels.
+    return f'{label:02d}_' + SHAPES_CLASSNAMES[label].replace(' ', '_')
+
+
+def _position_phrase(row, col):
+    rows, cols = ['top', 'middle', 'bottom'], ['left', 'center', 'right']
+    if row == 1 and col == 1:
+        return 'in the center'
+    if row == 1:
+        return f'on the {cols[col]}'
+    if col == 1:
+        return f'at the {rows[row]}'
+    return f'in the {rows[row]} {cols[col]} corner'
+
+
+def _draw_shape(draw, shape, cx, cy, r, fill):
+    def ring(radii):  # polygon with vertices at these radii, evenly spaced, first one straight up
+        return [(cx + rr * math.cos(-math.pi / 2 + 2 * math.pi * k / len(radii)),
+                 cy + rr * math.sin(-math.pi / 2 + 2 * math.pi * k / len(radii))) for k, rr in enumerate(radii)]
+
+    if shape == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == 'square':
+        s = 0.85 * r  # a touch smaller so its area is close to the circle's
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif shape == 'triangle':
+        draw.polygon(ring([1.1 * r] * 3), fill=fill)
+    elif shape == 'star':
+        draw.polygon(ring([r, 0.45 * r] * 5), fill=fill)
+    elif shape == 'cross':
+        w = 0.33 * r
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+
+
+def _background(rng, S, kind):
+    # Low-saturation greys so the shape's colour is the only strong hue in the image.
+    c1 = np.clip(rng.integers(50, 210) + rng.integers(-15, 16, 3), 0, 255)
+    c2 = np.clip(c1 + rng.choice([-1, 1]) * rng.integers(25, 60), 0, 255)
+    if kind == 'noisy':
+        # Blotchy texture: low-res noise, mostly in brightness so it adds no strong hue, upsampled.
+        k = int(rng.integers(4, S // SUPERSAMPLE // 2 + 1))
+        noise = c1 + rng.normal(0, 30, (k, k, 1)) + rng.normal(0, 8, (k, k, 3))
+        return Image.fromarray(np.clip(noise, 0, 255).astype(np.uint8)).resize((S, S), Image.BICUBIC)
+    yy, xx = np.mgrid[0:S, 0:S]
+    if kind == 'striped':
+        angle = math.radians(rng.choice([0, 45, 90, 135]))
+        period = rng.integers(3, 9) * SUPERSAMPLE
+        mask = ((xx * math.cos(angle) + yy * math.sin(angle)) // period) % 2 == 1
+    elif kind == 'checkered':
+        cell = rng.integers(4, 13) * SUPERSAMPLE
+        mask = (xx // cell + yy // cell) % 2 == 1
+    else:  # plain
+        mask = np.zeros((S, S), bool)
+    return Image.fromarray(np.where(mask[..., None], c2, c1).astype(np.uint8))
+
+
+def _render(index, seed, split_id, image_size):
+    """Draw image `index` of a split. Its RNG depends only on (seed, split, index),
+    so the result is independent of generation order and parallelism."""
+    rng = np.random.default_rng([seed, split_id, index])
+    label = index % len(SHAPES_CLASSNAMES)  # balanced classes
+    colour, shape = SHAPES_CLASSNAMES[label].split(' ')
+    S = image_size * SUPERSAMPLE
+    bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    img = _background(rng, S, bg)
+    draw = ImageDraw.Draw(img)
+
+    def jittered(rgb):  # the same colour name covers a small range of RGB values
+        return tuple(int(v) for v in np.clip(np.array(rgb) + rng.integers(-20, 21, 3), 0, 255))
+
+    def place(cell, r):  # centre of a 3x3 grid cell, jittered, clamped to stay inside the image
+        row, col = divmod(cell, 3)
+        cx, cy = [(g + 0.5) / 3 * S + rng.uniform(-S / 12, S / 12) for g in (col, row)]
+        return float(np.clip(cx, r + 2, S - r - 2)), float(np.clip(cy, r + 2, S - r - 2))
+
+    cell = int(rng.integers(9))
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    r = SIZES[size] * rng.uniform(0.92, 1.08) * S / 2
+    # Distractors (35% of images): one or two much smaller shapes of another class in other
+    # cells, drawn first so the labelled shape stays dominant and on top.
+    n_distract = int(rng.integers(1, 3)) if rng.random() < 0.35 else 0
+    for other_cell in rng.permutation([c for c in range(9) if c != cell])[:n_distract]:
+        other = (label + int(rng.integers(1, len(SHAPES_CLASSNAMES)))) % len(SHAPES_CLASSNAMES)
+        oc, os_ = SHAPES_CLASSNAMES[other].split(' ')
+        rr = rng.uniform(0.12, 0.18) * S / 2
+        _draw_shape(draw, os_, *place(int(other_cell), rr), rr, jittered(COLOURS[oc]))
+    _draw_shape(draw, shape, *place(cell, r), r, jittered(COLOURS[colour]))
+    img = img.reduce(SUPERSAMPLE)
+
+    caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(
+        size=size, name=SHAPES_CLASSNAMES[label], pos=_position_phrase(*divmod(cell, 3)))
+    if rng.random() < 0.5:
+        caption += f' on a {bg} background'
+    if n_distract and rng.random() < 0.5:
+        caption += ', next to smaller shapes'
+    buf = io.BytesIO()
+    img.save(buf, format='JPEG', quality=90)
+    return buf.getvalue(), caption + '.', label
+
+
+def _tar_add(tar, name, blob):
+    # Fixed metadata (mtime 0; TarInfo's defaults: owner 0, no user names) so that the
+    # same content always gives the same tar bytes.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(blob), 0, 0o644
+    tar.addfile(info, io.BytesIO(blob))
+
+
+def _write_shapes(out, pool, n_train, n_val, image_size, seed, shard_size):
+    for split in ('train', 'val'):
+        for label in range(len(SHAPES_CLASSNAMES)):
+            (out / split / _class_dir(label)).mkdir(parents=True)
+    (out / 'shards').mkdir()
+
+    def rendered(split_id, n):  # (index, (jpg, caption, label)), rendered in parallel, in index order
+        render = partial(_render, seed=seed, split_id=split_id, image_size=image_size)
+        return enumerate(pool.imap(render, range(n), chunksize=64))
+
+    tar = None
+    for i, (jpg, caption, label) in rendered(0, n_train):
+        if i % shard_size == 0:
+            if tar:
+                tar.close()
+            tar = tarfile.open(out / f'shards/train-{i // shard_size:06d}.tar', 'w')
+        key = f'{i:09d}'  # img2dataset-style 9-digit key
+        meta = dict(url=f'shapes://train/{key}', key=key, caption=caption, status='success',
+                    error_message=None, width=image_size, height=image_size,
+                    original_width=image_size, original_height=image_size,
+                    label=label, classname=SHAPES_CLASSNAMES[label])
+        for ext, blob in [('cls', str(label).encode()), ('jpg', jpg),
+                          ('json', json.dumps(meta).encode()), ('txt', caption.encode())]:
+            _tar_add(tar, f'{key}.{ext}', blob)
+        (out / 'train' / _class_dir(label) / f'{key}.jpg').write_bytes(jpg)
+    if tar:
+        tar.close()
+    for i, (jpg, caption, label) in rendered(1, n_val):
+        (out / 'val' / _class_dir(label) / f'{i:09d}.jpg').write_bytes(jpg)
+
+
+def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed=0,
+                shard_size=1000, workers=None):
+    """Generate the shapes dataset under `root` unless it is already there (meta.json
+    matches the parameters). Layout:
+        root/shards/train-000000.tar ...  webdataset shards (img2dataset layout + .cls)
+        root/train/00_red_circle/000000000.jpg ...  ImageFolder, same images as the shards
+        root/val/00_red_circle/000000000.jpg ...    held-out split (different seed stream)
+        root/meta.json                               parameters, written last
+    Returns a summary dict (paths, counts, classnames, bytes, seconds, generated)."""
+    root = Path(root)
+    params = dict(version=SHAPES_VERSION, seed=seed, n_train=n_train, n_val=n_val,
+                  image_size=image_size, shard_size=shard_size, classnames=SHAPES_CLASSNAMES)
+    t0 = time.time()
+    meta_file = root / 'meta.json'
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent callers (DDP ranks, a test run next to a training run) queue on a lock
+    # file; the later ones then find meta.json up to date and return at once.
+    with open(root.with_name(root.name + '.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        generated = not (meta_file.exists() and json.loads(meta_file.read_text()).get('params') == params)
+        if generated:
+            # Build in a temp dir and rename at the end: an interrupted run never leaves
+            # a half-written dataset that looks complete.
+            tmp = root.with_name(root.name + '.tmp')
+            shutil.rmtree(tmp, ignore_errors=True)
+            with mp.Pool(workers or os.cpu_count()) as pool:
+                _write_shapes(tmp, pool, n_train, n_val, image_size, seed, shard_size)
+            n_shards = math.ceil(n_train / shard_size)
+            (tmp / 'meta.json').write_text(json.dumps(dict(params=params, n_shards=n_shards), indent=1))
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+    paths = shapes_paths(root)
+    nbytes = sum(f.stat().st_size for f in root.rglob('*') if f.is_file())
+    return dict(paths, n_train=n_train, n_val=n_val, n_classes=len(SHAPES_CLASSNAMES),
+                classnames=SHAPES_CLASSNAMES, image_size=image_size, bytes=nbytes,
+                seconds=time.time() - t0, generated=generated)
+
+
+def shapes_paths(root=SHAPES_ROOT):
+    """{'root', 'shards' (brace pattern for wds_loader), 'train', 'val', 'n_shards'} of a
+    generated shapes dataset; 'train'/'val' are ImageFolder roots (imagenet_dataset(root, split))."""
+    root = Path(root)
+    if not (root / 'meta.json').exists():
+        raise FileNotFoundError(f'no shapes dataset at {root}: run `python data.py --root {root}`')
+    n = json.loads((root / 'meta.json').read_text())['n_shards']
+    return dict(root=str(root), shards=str(root / f'shards/train-{{000000..{n - 1:06d}}}.tar'),
+                train=str(root / 'train'), val=str(root / 'val'), n_shards=n)
+
+
+# -----------------------------------------------------------------------------
+# ImageNet-style folders
+
+LAYOUT = """expected an ImageFolder layout, one sub-folder per class, e.g.
+  {root}/train/n01440764/n01440764_10026.JPEG
+  {root}/train/n01443537/...
+  {root}/val/n01440764/ILSVRC2012_val_00000293.JPEG
+  {root}/val/n01443537/...
+(ImageNet's val images come as one flat folder: sort them into class folders first)"""
+
+
+def image_transforms(image_size):
+    """(train, val) image transforms from OpenCLIP: RGB, resize/crop, CLIP mean/std."""
+    return (open_clip.image_transform(image_size, is_train=True),
+            open_clip.image_transform(image_size, is_train=False))
+
+
+def imagenet_dataset(root, split, transform=None):
+    """torchvision ImageFolder over root/split ('train' or 'val'); .classes is the sorted
+    folder names, targets index into it. Works for data/shapes too. Fails loudly with
+    the expected layout when the folder is missing or malformed."""
+    path = os.path.join(root, split)
+    layout = LAYOUT.format(root=root)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'{path} is not a directory; {layout}')
+    if not any(entry.is_dir() for entry in os.scandir(path)):
+        raise ValueError(f'{path} has no class sub-folders; {layout}')
+    try:
+        return ImageFolder(path, transform)
+    except FileNotFoundError as e:  # ImageFolder: some class folder holds no images
+        raise ValueError(f'{path}: {e}; {layout}') from None
+
+
+def folder_loader(root, split, transform, batch_size, workers=2, train=False):
+    """DataLoader over imagenet_dataset(root, split, transform) yielding (images, labels).
+    train=True shuffles and drops the last partial batch; False keeps order (eval)."""
+    return torch.utils.data.DataLoader(imagenet_dataset(root, split, transform), batch_size,
+                                       shuffle=train, drop_last=train, num_workers=workers,
+                                       persistent_workers=workers > 0)
+
+
+# -----------------------------------------------------------------------------
+# Webdataset shards (img2dataset output: CC12M, LAION, the shapes shards)
+
+def expand_urls(urls):
+    """'a/{000..009}.tar::b/{00..03}.tar' or a list of such patterns -> list of paths/urls."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    return [u for p in patterns for u in wds.shardlists.expand_urls(p)]
+
+
+def _worker():
+    info = torch.utils.data.get_worker_info()  # None in the main process (workers=0)
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _skip(skipped, exn):
+    """Count a bad sample (or unreadable shard) in shared memory and carry on. Returns True,
+    which is how webdataset handlers say 'continue'."""
+    with skipped.get_lock():
+        skipped.value += 1
+        n = skipped.value
+    if n <= 10:  # a few warnings for diagnosis; the count itself is on loader.skipped()
+        logging.warning(f'skipping bad sample #{n}: {exn!r}')
+    return True
+
+
+def _shards(urls, seed, epoch, rank, world_size, shuffle, resampled):
+    """First pipeline stage, run once per epoch in each worker: the shards this
+    (rank, worker) reads, as {'url': ...} dicts for webdataset's tar reader."""
+    worker, num_workers = _worker()
+    if resampled:  # sample shards with replacement, forever; with_epoch ends the epoch
+        rng = random.Random(f'{seed}-{epoch.value}-{rank}-{worker}')
+        while True:
+            yield dict(url=rng.choice(urls))
+    urls = list(urls)
+    if shuffle:  # same seed on every rank and worker, so the slices below stay disjoint
+        random.Random(f'{seed}-{epoch.value}').shuffle(urls)
+    for url in urls[rank::world_size][worker::num_workers]:
+        yield dict(url=url)
+
+
+def _shuffle(samples, bufsize, seed, epoch, rank):
+    """Shuffle buffer: keep `bufsize` samples, emit a random one as each new one arrives."""
+    worker, _ = _worker()
+    rng = random.Random(f'{seed}-{epoch.value}-{rank}-{worker}-samples')
+    buf = []
+    for sample in samples:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        i = rng.randrange(bufsize)
+        yield buf[i]
+        buf[i] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _decode(samples, transform, tokenizer, with_labels, skipped):
+    """Raw tar sample dicts -> (image, tokens[, label]); anything broken is counted and skipped."""
+    for sample in samples:
+        try:
+            ext = next((e for e in ('jpg', 'jpeg', 'png', 'webp') if e in sample), None)
+            if ext is None or 'txt' not in sample or (with_labels and 'cls' not in sample):
+                raise KeyError(f'{sample.get("__key__")}: missing image/caption/label, has {sorted(sample)}')
+            image = Image.open(io.BytesIO(sample[ext])).convert('RGB')  # convert() forces the full decode
+            out = (transform(image), tokenizer([sample['txt'].decode('utf-8')])[0])
+            if with_labels:
+                out += (int(sample['cls']),)
+        except Exception as exn:
+            _skip(skipped, exn)
+            continue
+        yield out
+
+
+def _collate(samples):
+    images, texts, *labels = zip(*samples)
+    return (torch.stack(images), torch.stack(texts)) + tuple(torch.tensor(l) for l in labels)
+
+
+def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=True, workers=2,
+               resampled=False, seed=0, epoch=0, rank=None, world_size=None, with_labels=False,
+               shuffle_buffer=1000):
+    """DataLoader over webdataset shards (img2dataset layout) yielding batches
+        (images FloatTensor [B,3,H,W], texts LongTensor [B,context_length])
+    or (images, texts, labels LongTensor [B]) with with_labels=True (needs .cls members).
+
+    urls: brace pattern like '/data/cc12m/{00000..01242}.tar', '::'-joined patterns, or a list.
+    tokenizer: OpenCLIP tokenizer, e.g. open_clip.get_tokenizer('ViT-B-32').
+    Shards are split across ranks (rank/world_size default to torch.distributed, else 0/1)
+    and then across dataloader workers, so every reader sees disjoint shards; with
+    resampled=True each reader instead draws shards with replacement (multi-node runs).
+    train=True: shards and samples are shuffled (reproducibly, from seed + epoch), and an
+    epoch is num_batches = ceil(num_samples / (batch_size * world_size)) full batches per
+    rank (rounded up to a multiple of workers); readers loop over their shards to fill it.
+    train=False: one ordered pass over this rank's shards, last batch partial.
+
+    The returned loader also has:
+      .num_batches, .num_samples   per-epoch length on this rank (eval: a rough estimate,
+                                   None without num_samples)
+      .set_epoch(e)                call before iterating epoch e to reseed the shuffles
+      .skipped()                   bad samples / shard errors skipped so far, all workers
+    """
+    if rank is None or world_size is None:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    urls = expand_urls(urls)
+    if train and num_samples is None:
+        raise ValueError('train=True needs num_samples (img2dataset shards do not record their size)')
+    if train and not resampled and len(urls) < world_size * max(1, workers):
+        raise ValueError(f'{len(urls)} shards cannot be split over {world_size} ranks x {workers} workers')
+    # multiprocessing.Values live in shared memory: dataloader worker processes see
+    # set_epoch() from the main process, and the main process sees their skip counts.
+    epoch_value, skipped = mp.Value('i', epoch), mp.Value('i', 0)
+    stages = [partial(_shards, urls, seed, epoch_value, rank, world_size, shuffle=train, resampled=resampled),
+              wds.tarfile_to_samples(handler=partial(_skip, skipped))]
+    if train:
+        stages.append(partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch_value, rank=rank))
+    stages += [partial(_decode, transform=transform, tokenizer=tokenizer, with_labels=with_labels, skipped=skipped),
+               wds.batched(batch_size, collation_fn=_collate, partial=not train)]
+    dataset = wds.DataPipeline(*stages)
+
+    num_batches = math.ceil(num_samples / batch_size) if num_samples else None
+    if train:
+        # Each worker yields the same number of batches, so every rank runs the same
+        # number of steps (DDP would hang if one rank stopped early).
+        per_worker = math.ceil(num_samples / (batch_size * world_size) / max(1, workers))
+        num_batches = per_worker * max(1, workers)
+        num_samples = num_batches * batch_size * world_size
+        dataset = dataset.with_epoch(per_worker)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    loader.num_batches, loader.num_samples = num_batches, num_samples
+
+    def set_epoch(e):
+        epoch_value.value = e
+
+    loader.set_epoch, loader.skipped = set_epoch, lambda: skipped.value
+    return loader
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='Generate the built-in shapes dataset.')
+    parser.add_argument('--root', default=SHAPES_ROOT)
+    parser.add_argument('--n-train', type=int, default=10000)
+    parser.add_argument('--n-val', type=int, default=1500)
+    parser.add_argument('--image-size', type=int, default=64)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--shard-size', type=int, default=1000)
+    parser.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
+    args = parser.parse_args()
+    s = make_shapes(args.root, args.n_train, args.n_val, args.image_size, args.seed, args.shard_size, args.workers)
+    print(f"{'generated' if s['generated'] else 'already up to date'}: {s['root']} "
+          f"({s['bytes'] / 1e6:.1f} MB, {s['seconds']:.1f} s)")
+    print(f"  {s['n_train']} train + {s['n_val']} val images, {s['image_size']}x{s['image_size']} px, "
+          f"{s['n_classes']} classes: {', '.join(s['classnames'])}")
+    print(f"  shards: {s['shards']}\n  train:  {s['train']}\n  val:    {s['val']}")

@@ -1,0 +1,268 @@
+"""Tests for data.py. Tiny datasets in tmp dirs; the whole file runs in seconds."""
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+import data
+
+SMALL = dict(n_train=64, n_val=60, image_size=32, shard_size=16)  # 4 shards of 16
+
+
+@pytest.fixture(scope='session')
+def shapes(tmp_path_factory):
+    return data.make_shapes(tmp_path_factory.mktemp('shapes') / 'shapes', workers=1, **SMALL)
+
+
+@pytest.fixture(scope='session')
+def tokenizer():
+    return open_clip.get_tokenizer('ViT-B-32')
+
+
+def read_tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
+
+
+def read_shard(path):
+    """{key: {ext: bytes}} straight from a tar, without webdataset."""
+    samples = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split('.', 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def fingerprint(image):
+    return hashlib.sha1((image * 1000).round().to(torch.int32).numpy().tobytes()).hexdigest()
+
+
+def collect(loader):
+    images, texts, *labels = [torch.cat(x) for x in zip(*loader)]
+    return images, texts, (labels[0] if labels else None)
+
+
+def test_generation_deterministic_and_idempotent(tmp_path):
+    small = dict(SMALL, n_train=40, n_val=30)
+    a = data.make_shapes(tmp_path / 'a', workers=1, **small)
+    b = data.make_shapes(tmp_path / 'b', workers=2, **small)  # parallelism must not matter
+    tree_a, tree_b = read_tree(tmp_path / 'a'), read_tree(tmp_path / 'b')
+    assert a['generated'] and b['generated']
+    assert len(tree_a) == 3 + 40 + 30 + 1  # 3 shards, train + val jpgs, meta.json
+    assert tree_a == tree_b
+    assert not (tmp_path / 'a.tmp').exists()
+    train_jpgs = {v for k, v in tree_a.items() if k.startswith('train/')}
+    assert not train_jpgs & {v for k, v in tree_a.items() if k.startswith('val/')}  # held out
+
+    c = data.make_shapes(tmp_path / 'c', seed=1, workers=1, **small)
+    tree_c = read_tree(tmp_path / 'c')
+    assert tree_c.keys() == tree_a.keys()
+    assert all(tree_c[k] != tree_a[k] for k in tree_a if k.endswith('.tar') or k.endswith('.jpg'))
+
+    # Idempotent: same parameters -> nothing rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / 'a').rglob('*')}
+    again = data.make_shapes(tmp_path / 'a', workers=1, **small)
+    assert not again['generated']
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / 'a').rglob('*')}
+    # Different parameters, or a dataset without meta.json (never finished) -> regenerated.
+    assert data.make_shapes(tmp_path / 'a', workers=1, **dict(small, n_val=60))['generated']
+    assert len(list((tmp_path / 'a' / 'val').rglob('*.jpg'))) == 60
+    (tmp_path / 'a' / 'meta.json').unlink()
+    assert data.make_shapes(tmp_path / 'a', workers=1, **small)['generated']
+    assert read_tree(tmp_path / 'a') == tree_a
+
+
+def test_concurrent_generation_is_safe(tmp_path):
+    """Two callers at once (e.g. DDP ranks): one generates, the other waits and reuses it."""
+    results = []
+    run = lambda: results.append(data.make_shapes(tmp_path / 's', workers=1, **dict(SMALL, n_train=32, n_val=30)))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r['generated'] for r in results) == [False, True]
+    assert len(list((tmp_path / 's').rglob('*.jpg'))) == 62
+
+
+def test_shards_read_back(shapes, tokenizer):
+    assert shapes['n_shards'] == 4
+    _, val_tf = data.image_transforms(32)
+    loader = data.wds_loader(shapes['shards'], val_tf, tokenizer, batch_size=10, train=False,
+                             workers=0, with_labels=True)
+    images, texts, labels = collect(loader)
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
+    assert texts.shape == (64, 77) and texts.dtype == torch.long
+    assert loader.skipped() == 0
+
+    # Compare with the raw tar contents, in order (train=False keeps shard order).
+    raw = {}
+    for url in data.expand_urls(shapes['shards']):
+        raw.update(read_shard(url))
+    keys = sorted(raw)
+    captions = [raw[k]['txt'].decode() for k in keys]
+    assert torch.equal(texts, tokenizer(captions))
+    assert labels.tolist() == [int(raw[k]['cls']) for k in keys]
+    for key, caption, label in zip(keys, captions, labels.tolist()):
+        colour, shape = data.SHAPES_CLASSNAMES[label].split()
+        assert f'{colour} {shape}' in caption and caption.startswith(('a ', 'an ', 'there '))
+        meta = json.loads(raw[key]['json'])
+        assert meta['key'] == key and meta['status'] == 'success' and meta['caption'] == caption
+        assert meta['label'] == label and meta['width'] == meta['height'] == 32
+        # the ImageFolder copy holds the same JPEG under the right class folder
+        assert (Path(shapes['train']) / data._class_dir(label) / f'{key}.jpg').read_bytes() == raw[key]['jpg']
+    assert fingerprint(images[5]) == fingerprint(val_tf(Image.open(io.BytesIO(raw[keys[5]]['jpg']))))
+    assert len(set(labels.tolist())) == 30
+
+
+def test_train_epochs_shuffle_reproducibly(shapes, tokenizer):
+    train_tf, _ = data.image_transforms(32)
+
+    def epoch_texts(urls, n, epoch):
+        loader = data.wds_loader(urls, train_tf, tokenizer, batch_size=4, num_samples=n, workers=0,
+                                 shuffle_buffer=8, with_labels=True)
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == loader.num_batches == n // 4
+        assert all(b[0].shape == (4, 3, 32, 32) and b[2].shape == (4,) for b in batches)
+        return torch.cat([b[1] for b in batches])
+
+    # All shards (shard order and sample order shuffle), then a single shard (sample shuffle only).
+    for urls, n in ((shapes['shards'], 64), (data.expand_urls(shapes['shards'])[0], 16)):
+        ordered = collect(data.wds_loader(urls, train_tf, tokenizer, 4, train=False, workers=0))[1]
+        e0, e1 = epoch_texts(urls, n, 0), epoch_texts(urls, n, 1)
+        assert torch.equal(e0, epoch_texts(urls, n, 0))  # reproducible
+        assert not torch.equal(e0, e1) and not torch.equal(e0, ordered)  # reshuffled each epoch
+        key = lambda t: sorted(map(tuple, t.tolist()))
+        assert key(e0) == key(e1) == key(ordered)  # one epoch = every sample exactly once here
+
+
+def test_shard_assignment_is_a_partition(monkeypatch):
+    """Every (rank, worker) reader gets a disjoint slice of the same per-epoch shuffle."""
+    urls = sorted(f's{i:02d}.tar' for i in range(23))
+    for seed in range(5):
+        first_reader = set()
+        for epoch in range(4):
+            slices = []
+            for rank in range(3):
+                for worker in range(2):
+                    monkeypatch.setattr(data, '_worker', lambda: (worker, 2))
+                    shards = data._shards(urls, seed, SimpleNamespace(value=epoch), rank, 3, True, False)
+                    slices.append([s['url'] for s in shards])
+            assert sorted(sum(slices, [])) == urls and all(len(s) in (3, 4) for s in slices)
+            first_reader.add(tuple(slices[0]))
+        assert len(first_reader) > 1  # a different shard order each epoch
+
+
+def write_tar(path, samples):
+    with tarfile.open(path, 'w') as tar:
+        for key, files in samples:
+            for ext, blob in files.items():
+                info = tarfile.TarInfo(f'{key}.{ext}')
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_corrupt_samples_are_skipped_and_counted(shapes, tokenizer, tmp_path, workers):
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())
+    jpg = good[0][1]['jpg']
+    bad = [('bad0', dict(good[0][1], jpg=b'this is not a jpeg')),               # undecodable
+           ('bad1', {k: v for k, v in good[1][1].items() if k != 'txt'}),       # no caption
+           ('bad2', dict(good[2][1], jpg=jpg[:len(jpg) // 2])),                 # truncated
+           ('bad3', {k: v for k, v in good[3][1].items() if k != 'jpg'})]       # no image
+    write_tar(tmp_path / 'x0.tar', good[:8] + bad[:2] + good[8:10])
+    write_tar(tmp_path / 'x1.tar', bad[2:] + good[10:16])
+    (tmp_path / 'x2.tar').write_bytes(b'garbage, not a tar file' * 100)  # unreadable shard: 1 error
+    _, val_tf = data.image_transforms(32)
+    loader = data.wds_loader(str(tmp_path / 'x{0..2}.tar'), val_tf, tokenizer, batch_size=4,
+                             train=False, workers=workers, with_labels=True)
+    images, texts, labels = collect(loader)
+    assert len(images) == len(texts) == 16
+    assert sorted(labels.tolist()) == sorted(int(s['cls']) for _, s in good[:16])
+    assert loader.skipped() == 5
+
+
+def test_ranks_and_workers_read_disjoint_shards(shapes, tokenizer):
+    _, val_tf = data.image_transforms(32)  # deterministic transform -> stable fingerprints
+    everything = collect(data.wds_loader(shapes['shards'], val_tf, tokenizer, 16, train=False, workers=0))[0]
+    reference = {fingerprint(im) for im in everything}
+    assert len(reference) == 64
+
+    # 2 ranks x 2 workers, 4 shards of 16: an epoch of 64 samples is exactly one shard per reader.
+    seen = []
+    for rank in (0, 1):
+        loader = data.wds_loader(shapes['shards'], val_tf, tokenizer, batch_size=8, num_samples=64,
+                                 workers=2, rank=rank, world_size=2, seed=3)
+        assert loader.num_batches == 4
+        images = collect(loader)[0]
+        seen.append({fingerprint(im) for im in images})
+        assert len(images) == len(seen[-1]) == 32
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == reference
+
+    # Too few shards for the readers is refused instead of silently starving some.
+    with pytest.raises(ValueError, match='shards'):
+        data.wds_loader(shapes['shards'], val_tf, tokenizer, 8, num_samples=64, workers=3, rank=0, world_size=2)
+    # Resampled: any number of readers, each draws its own shards with replacement.
+    streams = []
+    for rank in (0, 1):
+        loader = data.wds_loader(shapes['shards'], val_tf, tokenizer, batch_size=8, num_samples=64,
+                                 workers=0, rank=rank, world_size=4, resampled=True)
+        batches = list(loader)
+        assert len(batches) == loader.num_batches == 2
+        streams.append([fingerprint(im) for b in batches for im in b[0]])
+        assert set(streams[-1]) <= reference
+    assert streams[0] != streams[1]
+
+
+def test_missing_or_malformed_imagenet_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.imagenet_dataset(tmp_path / 'imagenet', 'val')
+    assert 'is not a directory' in str(e.value) and 'imagenet/val/n01440764/' in str(e.value)
+
+    flat = tmp_path / 'flat' / 'val'  # ImageNet val as downloaded: images not sorted into classes
+    flat.mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(flat / 'ILSVRC2012_val_00000001.JPEG')
+    with pytest.raises(ValueError, match='no class sub-folders') as e:
+        data.imagenet_dataset(tmp_path / 'flat', 'val')
+    assert 'flat/train/n01440764/' in str(e.value)
+
+    (tmp_path / 'empty' / 'train' / 'n01440764').mkdir(parents=True)
+    with pytest.raises(ValueError, match='n01440764') as e:
+        data.imagenet_dataset(tmp_path / 'empty', 'train')
+    assert 'expected an ImageFolder layout' in str(e.value)
+
+
+def test_imagefolder_classes_and_zero_shot_templates(shapes, tokenizer):
+    for split, n in (('train', 64), ('val', 60)):
+        folder = ImageFolder(shapes[split])
+        assert [c.split('_', 1)[1].replace('_', ' ') for c in folder.classes] == data.SHAPES_CLASSNAMES
+        assert len(folder) == n
+    # val holds 2 images per class, and labels match the folder's class name
+    loader = data.folder_loader(shapes['root'], 'val', data.image_transforms(32)[1], batch_size=25, workers=0)
+    images, labels = [torch.cat(x) for x in zip(*loader)]
+    assert images.shape == (60, 3, 32, 32) and torch.bincount(labels).tolist() == [2] * 30
+    assert loader.dataset.classes[7].endswith(data.SHAPES_CLASSNAMES[7].replace(' ', '_'))
+
+    assert all(t('red circle').count('red circle') == 1 for t in data.SHAPES_TEMPLATES)
+
+    class BagOfTokens(torch.nn.Module):  # stand-in text tower: embedding = token histogram
+        def encode_text(self, texts, normalize=False):
+            emb = torch.zeros(len(texts), 50000).scatter_add_(1, texts, torch.ones_like(texts, dtype=torch.float))
+            return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb
+
+    weights = open_clip.build_zero_shot_classifier(BagOfTokens(), tokenizer, data.SHAPES_CLASSNAMES,
+                                                   data.SHAPES_TEMPLATES, device='cpu')
+    assert weights.shape == (50000, 30)
+    # each class's prompts are closest to its own classifier column
+    own = BagOfTokens().encode_text(tokenizer([f'a photo of a {c}.' for c in data.SHAPES_CLASSNAMES]), True)
+    assert (own @ weights).argmax(1).tolist() == list(range(30))

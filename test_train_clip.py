@@ -1,0 +1,125 @@
+"""End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+import data
+from train_utils import cosine_lr
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = 'config/shapes_tiny.py'
+
+
+def run(*args, torchrun=False, check=True):
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f'train_clip.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(out_dir):
+    return [r for r in records(out_dir) if 'loss' in r]
+
+
+def test_loss_decreases_and_everything_is_logged(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=60', '--log_interval=10', '--ckpt_interval=1000')
+    logged = train_records(out)
+    assert [r['step'] for r in logged] == [10, 20, 30, 40, 50, 60]
+    assert logged[-1]['contrastive'] < logged[0]['contrastive'] - 0.2, [r['contrastive'] for r in logged]
+    for key in ['epoch', 'loss', 'contrastive', 'boundary', 'compression', 'lr', 'logit_scale', 'step_time',
+                'data_time', 'samples_per_s', 'mem_gb', 'skipped']:
+        assert key in logged[0], key
+    assert 2.0 < logged[-1]['compression'] < 8.0  # 16 patches at a 4x target
+    assert any('epoch_end' in r and 'avg_step_time' in r for r in records(out))
+    final = [r for r in records(out) if 'zeroshot_top1' in r]
+    assert final and final[-1]['step'] == 60 and 0 <= final[-1]['zeroshot_top5'] <= 100
+    assert os.path.isfile(os.path.join(out, 'boundaries_60.png'))
+
+
+def test_checkpoint_and_resume(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20')
+    first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config'}
+
+    # resuming with nothing left to do writes back exactly what it loaded
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--init_from=resume')
+    again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    for k, v in first['model'].items():
+        assert torch.equal(v, again['model'][k]), k
+    assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
+
+    # and resuming with more steps continues from step 10, on the same learning-rate schedule
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    logged = records(out)
+    resumed = [r for r in logged if 'resume_step' in r]
+    assert resumed and resumed[-1]['resume_step'] == 10
+    after = [r for r in logged[logged.index(resumed[-1]):] if 'loss' in r]
+    assert [r['step'] for r in after] == [15, 20]
+    assert after[0]['lr'] == pytest.approx(cosine_lr(14, 20, 5, 1e-3, 1e-5))
+    final = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert final['step'] == 20 and final['optimizer']['state'][0]['step'] == 20
+
+
+def test_torchrun_two_ranks_stay_identical(tmp_path):
+    out = str(tmp_path / 'ddp')
+    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=3', torchrun=True)
+    sync = [r for r in records(out) if 'ranks_in_sync' in r]
+    assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
+    start = [r for r in records(out) if 'world_size' in r][0]
+    assert start['world_size'] == 2
+    assert [r['step'] for r in train_records(out)] == [3, 6]
+
+
+def test_eval_only_reproduces_openclip_zero_shot(tmp_path):
+    """An OpenCLIP checkpoint evaluated with boundary='none' gives OpenCLIP's own zero-shot numbers.
+    (A random ViT-B-32 at 64 px, so that 1500 validation images take seconds.)"""
+    torch.manual_seed(0)
+    ref = open_clip.create_model('ViT-B-32', force_image_size=64).eval()
+    ckpt = str(tmp_path / 'openclip.pt')
+    torch.save(ref.state_dict(), ckpt)
+    out = str(tmp_path / 'eval')
+    proc = run(f'--out_dir={out}', f'--init_from={ckpt}', '--eval_only=True', '--boundary=none', "--vision={'image_size': 64}",
+               '--text={}', '--pre_layers=2', '--short_layers=10', '--workers=0')
+    assert 'zeroshot_top1' in proc.stdout and 'zeroshot_top5' in proc.stdout
+    ours = [r for r in records(out) if 'zeroshot_top1' in r][-1]
+
+    shapes = data.shapes_paths()
+    loader = data.folder_loader(shapes['root'], 'val', data.image_transforms(64)[1], batch_size=128, workers=0)
+    tokenizer = open_clip.get_tokenizer('ViT-B-32')
+    classifier = open_clip.build_zero_shot_classifier(ref, tokenizer, data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES)
+    correct1 = correct5 = n = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            top5 = (ref.encode_image(images, normalize=True) @ classifier).topk(5, dim=1).indices
+            correct1 += (top5[:, 0] == labels).sum().item()
+            correct5 += (top5 == labels[:, None]).any(1).sum().item()
+            n += len(labels)
+    assert n == 1500
+    assert ours['zeroshot_top1'] == pytest.approx(100 * correct1 / n)
+    assert ours['zeroshot_top5'] == pytest.approx(100 * correct5 / n)
+
+
+def test_bad_config_and_missing_data_fail_clearly(tmp_path):
+    proc = run(TINY, '--compresion=8', check=False)
+    assert proc.returncode != 0 and "unknown key 'compresion'; did you mean 'compression'" in proc.stderr
+    proc = run(TINY, '--batch_size=large', check=False)
+    assert proc.returncode != 0 and 'batch_size' in proc.stderr and 'expected a int' in proc.stderr
+    proc = run(TINY, f'--out_dir={tmp_path}', "--train_data=/nonexistent/cc12m/{00000..00009}.tar",
+               '--train_num_samples=1000', check=False)
+    assert proc.returncode != 0 and '/nonexistent/cc12m/00000.tar' in proc.stderr and 'img2dataset' in proc.stderr
+    proc = run(TINY, f'--out_dir={tmp_path}', "--imagenet_val=/nonexistent/imagenet/val", check=False)
+    assert proc.returncode != 0 and '/nonexistent/imagenet/val' in proc.stderr and 'n01440764' in proc.stderr

@@ -1,0 +1,268 @@
+"""
+CLIP-style contrastive training of a DTP-ViT image tower with OpenCLIP's text tower, with
+zero-shot evaluation. Single process or torchrun DDP.
+
+    python train_clip.py                                   # the CPU demo: a small CLIP on built-in shapes data
+    python train_clip.py config/shapes_fixed4x.py --max_steps=200
+    torchrun --standalone --nproc_per_node=8 train_clip.py config/cc12m_10x.py
+
+Settings are the globals below; a config file (Python, executed in order) and then --key=value
+pairs override them. An unknown key or a value of the wrong type stops the run before it starts.
+"""
+import math
+import os
+import time
+from collections import defaultdict
+
+import open_clip
+import torch
+import torch.distributed as dist
+from open_clip import zero_shot_metadata
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import load_openclip
+from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
+                         peak_memory_gb, save_checkpoint, save_segments_png, setup_distributed, sync, unwrap)
+
+# -----------------------------------------------------------------------------------------------
+# defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data (~5 minutes on 2 cores)
+# I/O
+out_dir = 'out/clip-shapes'
+init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag
+eval_only = False           # evaluate init_from and exit
+log_interval = 10           # steps between log lines
+eval_interval = 0           # steps between zero-shot evaluations (0: only at the end)
+ckpt_interval = 250         # steps between checkpoints (and one at the end)
+# data
+train_data = 'shapes'       # 'shapes' (built-in, generated on first use) or a webdataset pattern of shards
+train_num_samples = 0       # samples per epoch (0: the whole shapes set; required for other data)
+imagenet_val = None         # ImageNet val folder (one sub-folder per class) for zero-shot evaluation
+workers = 2                 # dataloader processes per GPU
+# model: an OpenCLIP architecture, resized by the two dicts for the demo
+model = 'ViT-B-32'          # OpenCLIP config name of both towers
+vision = dict(image_size=64, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
+text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides ({}: none)
+pre_layers = 2              # full-length blocks before pooling
+short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
+boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
+compression = 4.0           # target patches per segment
+temperature = 0.5           # Gumbel-Sigmoid temperature
+eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
+pool = 'cls'                # 'cls' or 'mean'
+# optimisation
+batch_size = 128            # per GPU
+epochs = 12
+max_steps = 0               # stop after this many steps (0: epochs x steps per epoch)
+lr = 1e-3
+min_lr = 1e-5
+warmup_steps = 100
+lr_decay_steps = 0          # length of the cosine schedule (0: the total number of steps)
+weight_decay = 0.1
+boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
+grad_clip = 1.0             # max gradient norm (0: off)
+precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
+compile = False             # torch.compile the model
+seed = 0
+# -----------------------------------------------------------------------------------------------
+config = configure({k: globals()[k] for k in config_keys(globals())})
+globals().update(config)
+
+rank, world_size, device = setup_distributed()
+master = rank == 0
+os.makedirs(out_dir, exist_ok=True)
+log_file = os.path.join(out_dir, 'log.jsonl')
+
+
+def log(record):
+    if master:
+        tqdm.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()))
+        log_jsonl(log_file, record)
+
+
+# data ------------------------------------------------------------------------------------------
+use_shapes = train_data == 'shapes'
+if use_shapes:
+    if master:
+        shapes = data.make_shapes()  # idempotent: generated once, then reused
+    if world_size > 1:
+        dist.barrier()
+    shapes = data.shapes_paths()
+    train_data, train_num_samples = shapes['shards'], train_num_samples or 10000
+elif not eval_only:
+    if not train_num_samples:
+        raise SystemExit('config error: train_num_samples must be set for webdataset shards')
+    missing = [u for u in data.expand_urls(train_data) if '://' not in u and not os.path.exists(u)]
+    if missing:
+        raise SystemExit(f'train_data {train_data!r}: {len(missing)} shards not found, e.g. {missing[0]} '
+                         f"(expected img2dataset output, e.g. '/data/cc12m/{{00000..01242}}.tar')")
+
+# model -----------------------------------------------------------------------------------------
+dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
+           eval_boundaries=eval_boundaries, pool=pool)
+if short_layers is not None:
+    dtp['short_layers'] = short_layers
+ckpt = None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
+else:
+    model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
+clip = load_openclip(**model_args)
+model_args['pretrained'] = None  # weights come from the checkpoint from now on
+if ckpt is not None:
+    clip.load_state_dict(ckpt['model'])
+clip.to(device)
+tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
+train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_size)
+
+if imagenet_val:
+    val_root, val_split = os.path.split(os.path.normpath(imagenet_val))
+    classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+elif use_shapes:
+    val_root, val_split, classnames, templates = shapes['root'], 'val', data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
+else:
+    val_root = None
+val_loader = (data.folder_loader(val_root, val_split, val_transform, batch_size, workers=workers)
+              if val_root and master else None)
+
+
+def zero_shot(step):
+    """Zero-shot top-1/top-5 on the validation folder and a picture of the predicted segments."""
+    model = unwrap(clip)
+    model.eval()
+    with autocast(device, precision):
+        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
+
+    def logits_fn(images):
+        features, aux = model.visual(images)
+        return torch.nn.functional.normalize(features, dim=-1) @ classifier.to(features.dtype), aux
+    result = evaluate(logits_fn, val_loader, device, precision)
+    images = next(iter(val_loader))[0][:16].to(device)
+    with torch.no_grad(), autocast(device, precision):
+        boundaries = model.visual(images)[1]['boundaries']
+    save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, boundaries, model.visual.grid_size,
+                      open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    model.train()
+    return dict(step=step, zeroshot_top1=result['top1'], zeroshot_top5=result['top5'],
+                eval_compression=result['compression'])
+
+
+if eval_only:
+    if not val_loader and master:
+        raise SystemExit('eval_only: nothing to evaluate on; set imagenet_val to an ImageNet val folder')
+    if master:
+        log(zero_shot(ckpt['step'] if ckpt else 0))
+    raise SystemExit
+
+# optimisation ----------------------------------------------------------------------------------
+loader = data.wds_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, train=True,
+                         workers=workers, seed=seed, rank=rank, world_size=world_size)
+total_steps = max_steps or epochs * loader.num_batches
+optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
+step = 0
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    step = ckpt['step']
+    del ckpt
+loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
+                             world_size=world_size)
+model = torch.compile(clip) if compile else clip
+if world_size > 1:
+    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
+def checkpoint():
+    if master:
+        save_checkpoint(dict(model=unwrap(clip).state_dict(), optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), step=step, epoch=step // loader.num_batches,
+                             config=config, model_args=model_args), os.path.join(out_dir, 'ckpt.pt'))
+
+
+log(dict(params_M=sum(p.numel() for p in clip.parameters()) / 1e6, steps=total_steps,
+         steps_per_epoch=loader.num_batches, world_size=world_size, device=str(device)))
+bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+model.train()
+window = defaultdict(float)  # sums over the current log interval (tensors stay on the device until logged)
+epoch_stats = defaultdict(float)
+while step < total_steps:
+    epoch, seen = divmod(step, loader.num_batches)
+    loader.set_epoch(epoch)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = iter(loader)
+    if seen:  # resumed mid-epoch: skip what the checkpointed run already trained on (data only)
+        log(dict(resume_step=step, epoch=epoch, skipping_batches=seen))
+        for _ in range(seen):
+            next(batches)
+    t0 = time.perf_counter()
+    for images, texts in batches:
+        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+        sync(device)
+        t1 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group['lr'] = cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr)
+        with autocast(device, precision):
+            out = model(images, texts)
+            contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
+            loss = contrastive + boundary_loss_weight * out['boundary_loss']
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clip.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():  # as OpenCLIP: a temperature below 1/100 makes the loss unstable
+            unwrap(clip).logit_scale.clamp_(0, math.log(100))
+        sync(device)
+        t2 = time.perf_counter()
+        step += 1
+
+        for k, v in dict(loss=loss, contrastive=contrastive, boundary=out['boundary_loss'],
+                         compression=out['compression'], step_time=t2 - t1, data_time=t1 - t0, n=1).items():
+            window[k] = window[k] + (v.detach() if torch.is_tensor(v) else v)
+        epoch_stats['step_time'] += t2 - t1
+        epoch_stats['n'] += 1
+        bar.update()
+        if step % log_interval == 0 or step == total_steps:
+            n = window.pop('n')
+            record = dict(step=step, epoch=step / loader.num_batches, **{k: float(v) / n for k, v in window.items()},
+                          lr=optimizer.param_groups[0]['lr'], logit_scale=unwrap(clip).logit_scale.exp().item(),
+                          samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
+                          mem_gb=peak_memory_gb(device), skipped=loader.skipped())
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", compression=f"{record['compression']:.2f}")
+            window.clear()
+        if eval_interval and step % eval_interval == 0 and step < total_steps and val_loader:
+            log(zero_shot(step))
+        if step % ckpt_interval == 0 and step < total_steps:
+            checkpoint()
+        if world_size > 1 and eval_interval and step % eval_interval == 0:
+            dist.barrier()  # the other ranks wait while rank 0 evaluates
+        t0 = time.perf_counter()
+        if step >= total_steps:
+            break
+    # the efficiency metrics of the design document, averaged per epoch
+    log(dict(epoch_end=epoch, step=step, avg_step_time=epoch_stats['step_time'] / max(1, epoch_stats['n']),
+             peak_mem_gb=peak_memory_gb(device)))
+    epoch_stats.clear()
+bar.close()
+checkpoint()
+if val_loader:
+    log(zero_shot(step))
+if world_size > 1:  # DDP keeps replicas identical; check it, since a silent divergence would waste a run
+    sums = torch.stack([p.detach().double().sum() for p in clip.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=[g.sum().item() for g in gathered]))
+    dist.destroy_process_group()
+    if not in_sync:
+        raise RuntimeError('the DDP replicas hold different weights')

@@ -88,12 +88,23 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention initialises them
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, mask=None):
-        B, L, D = x.shape
+    def forward(self, x, mask=None, keep=None):
+        """x: (B, L, D), mask: (B, 1, 1, L), True where attended. Packed form: x holds only the T real
+        tokens of a padded batch, (T, D), and `keep` their flat indices in (B * L)."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if keep is not None:  # the padded layout exists only inside attention
+            qkv = unpack(qkv, keep, mask.shape[0], mask.shape[-1])
+        B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, 1, L), True = attend
-        return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, D)
+        if keep is not None:
+            x = x.flatten(0, 1).index_select(0, keep)
+        return self.out_proj(x)
+
+
+def unpack(tokens, keep, B, L):
+    """(T, C) real tokens -> (B, L, C), zeros at the padding."""
+    return tokens.new_zeros(B * L, tokens.shape[-1]).index_copy(0, keep, tokens).view(B, L, -1)
 
 
 class Block(nn.Module):
@@ -106,8 +117,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(
             c_fc=nn.Linear(width, hidden), gelu=act_layer(), c_proj=nn.Linear(hidden, width)))
 
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x, mask=None, keep=None):
+        x = x + self.attn(self.ln_1(x), mask, keep)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -202,29 +213,30 @@ class DTPViT(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
 
     def predict_boundaries(self, patches):
-        """(B, N) 0/1 boundaries for the patch tokens after the pre-layers, by the configured rule."""
+        """(B, N) 0/1 boundaries for the patch tokens after the pre-layers, by the configured rule,
+        and the predictor's (B, N) logits (None for 'fixed')."""
         cfg = self.cfg
         B, N, _ = patches.shape
         if cfg.boundary == 'fixed':
-            return fixed_boundaries(B, N, math.ceil(N / cfg.compression), patches.device)
+            return fixed_boundaries(B, N, math.ceil(N / cfg.compression), patches.device), None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
             logits = self.predictor(patches.float()).squeeze(-1)
         if self.training:
-            return gumbel_sigmoid(logits, cfg.temperature)
+            return gumbel_sigmoid(logits, cfg.temperature), logits
         # Eval is deterministic: no noise, so an image always gets the same segments.
         if cfg.eval_boundaries == 'topk':
-            return topk_boundaries(logits, min(N, max(1, round(N / cfg.compression))))
-        return (logits > 0).float()
+            return topk_boundaries(logits, min(N, max(1, round(cfg.n_patches / cfg.compression)))), logits
+        return (logits > 0).float(), logits
 
     def forward(self, images, boundaries=None):
         """images (B, 3, H, W) -> (features (B, embed_dim), aux).
 
         boundaries: optional (B, N) 0/1 tensor used instead of the predicted ones, e.g. to simulate a
         compression ratio (flops.py) or to give every patch its own segment (tests). The predictor
-        still runs, so its cost stays in the graph.
+        still runs (and its logits are returned), so its cost stays in the graph.
         aux: boundary_loss (scalar), n_segments (B,), compression (patches per segment over the
-        whole batch), boundaries (B, N).
+        whole batch), boundaries (B, N), and boundary_logits (B, N) when there is a predictor.
         """
         cfg = self.cfg
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
@@ -235,21 +247,30 @@ class DTPViT(nn.Module):
         for block in blocks[:cfg.pre_layers]:
             x = block(x)
 
-        mask = valid = None
+        mask = valid = keep = logits = None
         if cfg.boundary == 'none':
             b = x.new_ones(B, N, dtype=torch.float32)
         else:
-            b = self.predict_boundaries(x[:, 1:])
+            b, logits = self.predict_boundaries(x[:, 1:])
             if boundaries is not None:
                 b = boundaries.to(device=x.device, dtype=torch.float32)
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
             segments, valid = pool_segments(x[:, 1:], b)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
-            if valid is not None:  # padded segments are never attended to
-                mask = F.pad(valid, (1, 0), value=True)[:, None, None, :]
+            if valid is not None:
+                # Padded segments are never attended to. They are not computed either: the blocks
+                # run LayerNorms, projections and MLPs (nearly all the FLOPs) on the real tokens
+                # only, packed as (T, D); training's sampled segment counts vary from image to image,
+                # and padding every image to the longest cost 20-25% of a training step.
+                real = F.pad(valid, (1, 0), value=True)
+                mask, keep = real[:, None, None, :], real.flatten().nonzero().squeeze(1)
+                x = x.flatten(0, 1).index_select(0, keep)
+        L = x.shape[1] if keep is None else mask.shape[-1]
         for block in blocks[cfg.pre_layers:]:
-            x = block(x, mask)
+            x = block(x, mask, keep)
+        if keep is not None:
+            x = unpack(x, keep, B, L)
 
         if cfg.pool == 'cls':
             x = self.ln_post(x[:, 0])
@@ -265,6 +286,8 @@ class DTPViT(nn.Module):
         prior_loss = boundary_prior_loss(b, 1 / cfg.compression) if cfg.boundary == 'gumbel' else b.new_zeros(())
         aux = dict(boundary_loss=prior_loss, n_segments=n_segments, boundaries=b.detach(),
                    compression=N / n_segments.float().mean())
+        if logits is not None:
+            aux['boundary_logits'] = logits
         return features, aux
 
 

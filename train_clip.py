@@ -53,7 +53,7 @@ eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 # optimisation
 batch_size = 128            # per GPU
-epochs = 12
+epochs = 6
 max_steps = 0               # stop after this many steps (0: epochs x steps per epoch)
 lr = 1e-3
 min_lr = 1e-5
@@ -103,6 +103,7 @@ dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compres
            eval_boundaries=eval_boundaries, pool=pool)
 if short_layers is not None:
     dtp['short_layers'] = short_layers
+torch.manual_seed(seed)  # the same initial weights on every rank
 ckpt = None
 if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -163,7 +164,8 @@ if eval_only:
 loader = data.wds_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, train=True,
                          workers=workers, seed=seed, rank=rank, world_size=world_size)
 total_steps = max_steps or epochs * loader.num_batches
-optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                              fused=True)
 scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
 step = 0
 if ckpt is not None:
@@ -171,6 +173,7 @@ if ckpt is not None:
     scaler.load_state_dict(ckpt['scaler'])
     step = ckpt['step']
     del ckpt
+torch.manual_seed(seed + rank + step)  # a different Gumbel-noise stream per rank (and per resume)
 loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                              world_size=world_size)
 model = torch.compile(clip) if compile else clip

@@ -1,0 +1,488 @@
+"""
+FLOPs of the plain ViT and of DTP-ViT, counted by fvcore and by a closed form, and (--bench) the
+speed they actually reach.
+
+    python flops.py --ratio 4                        # plain ViT-B-32, then DTP-ViT at 4x
+    python flops.py --model ViT-B-16 --json          # ratios 1 2 4 10, one JSON list
+    python flops.py --bench [--threads 1]            # + throughput, train step, peak memory
+    python flops.py --checkpoint ckpt.pt --data data/shapes/val   # what a trained model spends
+
+GMACs are fvcore's "flops": one multiply-add counts as one FLOP. GFLOPs = 2 x GMACs, the figure
+OpenCLIP (8.82 for ViT-B-32) and most papers quote.
+Counted: the patch-embedding conv, every linear layer (qkv and output projections, MLPs, boundary
+predictor), both attention matmuls (q k^T and attn v), the pooling einsum, the final projection.
+Not counted (element-wise, left out as fvcore and DynamicViT do): residual adds, GELU, softmax and
+scaling inside attention, layer norms (fvcore's default handle would add ~5 per element, 0.005 G on
+ViT-B-32; dropped so the count matches OpenCLIP's), dropout, the padding mask, the boundary logic
+(top-k, cumsum, the pooling weights and their normalisation) and the boundary loss.
+
+The trap (shared/REFERENCE.md, section 3): fvcore silently counts ZERO for
+aten::scaled_dot_product_attention, which our attention calls, so a handle is registered for it
+(and its fused variants); any other attention op left uncounted is an error, not a warning.
+"""
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import json
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, einsum_flop_jit, get_shape,
+                                   linear_flop_jit, matmul_flop_jit)
+from PIL import Image
+
+from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
+
+# -----------------------------------------------------------------------------------------------
+# Counting with fvcore
+
+ATTENTION_OPS = ('aten::scaled_dot_product_attention', 'aten::_scaled_dot_product_flash_attention',
+                 'aten::_scaled_dot_product_flash_attention_for_cpu',
+                 'aten::_scaled_dot_product_efficient_attention', 'aten::_scaled_dot_product_cudnn_attention')
+# The multiply-add ops, with fvcore's own handles. fvcore's defaults also count norms (~5 per element)
+# and resampling; those are left out, as OpenCLIP's count leaves them out (see the docstring).
+MATMUL_OPS = {'aten::_convolution': conv_flop_jit, 'aten::linear': linear_flop_jit, 'aten::addmm': addmm_flop_jit,
+              'aten::matmul': matmul_flop_jit, 'aten::mm': matmul_flop_jit, 'aten::bmm': bmm_flop_jit,
+              'aten::einsum': einsum_flop_jit}
+
+
+def attention_flop_jit(inputs, outputs):
+    """MACs of softmax(q k^T) v: q (..., L, E), k (..., S, E), v (..., S, Ev) -> L S E + L S Ev."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+class Traced(nn.Module):
+    """What fvcore traces: the tower's features and, where there is a predictor, its logits. When
+    boundaries are passed in, the predicted ones are unused; were the logits not an output too, the
+    JIT tracer would delete the predictor, and its cost, from the graph."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, images, boundaries=None):
+        features, aux = self.tower(images, boundaries)
+        return (features, aux['boundary_logits']) if 'boundary_logits' in aux else features
+
+
+def fvcore_count(tower, images, boundaries=None, attention=True):
+    """fvcore's FlopCountAnalysis of one eval-mode forward (.total() is in MACs)."""
+    traced, was_training = Traced(tower), tower.training
+    tower.eval()
+    try:
+        inputs = (images,) if boundaries is None else (images, boundaries)
+        analysis = FlopCountAnalysis(traced, inputs).clear_op_handles().set_op_handle(**MATMUL_OPS)
+        if attention:
+            analysis.set_op_handle(**{op: attention_flop_jit for op in ATTENTION_OPS})
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        with warnings.catch_warnings():  # the tracer's warnings about baked-in shapes are expected
+            warnings.simplefilter('ignore')
+            analysis.total()
+    finally:
+        tower.train(was_training)
+    missed = [op for op in analysis.unsupported_ops()
+              if any(word in op for word in ('attention', 'mm', 'matmul', 'linear', 'conv', 'einsum'))]
+    if attention and missed:
+        raise RuntimeError(f"fvcore has no handle for {missed}: the count would silently miss them")
+    return analysis
+
+
+# -----------------------------------------------------------------------------------------------
+# The same count in closed form: where a (DTP-)ViT's multiply-adds go, per image
+
+def closed_form(cfg: DTPConfig, n_segments=None):
+    """MACs per image by component, counting what fvcore counts (see the docstring). n_segments:
+    segments after pooling (padded: the batch maximum); default ceil(N / compression).
+    ViT-B/32 at 224 (50 tokens, width 768, 12 layers, MLP 3072), in GMACs: MLPs 2.831, qkv + out
+    projections 1.416, patch embedding 0.116, attention matmuls 0.046, projection 0.0004: 4.409."""
+    D, N, p = cfg.width, cfg.n_patches, cfg.patch_size
+    hidden = int(D * cfg.mlp_ratio)
+    dtp = cfg.boundary != 'none'
+    S = (n_segments or math.ceil(N / cfg.compression)) if dtp else N
+    tokens = [N + 1] * cfg.pre_layers + [1 + S] * cfg.short_layers  # [CLS] + tokens through each block
+    h = cfg.predictor_hidden or D
+    return {
+        'patch embedding': N * 3 * p * p * D,  # the conv is a (3 p p) -> D linear map per patch
+        'qkv + out projections': sum(L * D * 3 * D + L * D * D for L in tokens),
+        'attention matmuls': sum(2 * L * L * D for L in tokens),  # q k^T and attn v, all heads together
+        'MLPs': sum(2 * L * D * hidden for L in tokens),
+        'boundary predictor': N * (D * h + h) if cfg.boundary == 'gumbel' else 0,  # Linear(D,h), Linear(h,1)
+        'pooling': S * N * D if dtp else 0,  # einsum('bns,bnd->bsd'): segment weights x patch tokens
+        'projection': D * cfg.embed_dim,  # [CLS] (or mean) token -> embedding
+    }
+
+
+def gmacs(cfg, n_segments=None):
+    return sum(closed_form(cfg, n_segments).values()) / 1e9
+
+
+def padded_gmacs(cfg, n_segments, padded_to):
+    """What the model runs for an image of n_segments in a batch padded to padded_to segments: the
+    shortened blocks pack the real tokens, so only attention and the pooling einsum see the padding."""
+    real, padded = closed_form(cfg, n_segments), closed_form(cfg, padded_to)
+    seen = ('attention matmuls', 'pooling')
+    return (sum(real.values()) - sum(real[k] for k in seen) + sum(padded[k] for k in seen)) / 1e9
+
+
+# -----------------------------------------------------------------------------------------------
+# The FLOP table
+
+def base_config(model, image_size=None, pre_layers=None):
+    """DTPConfig of the plain ViT with an OpenCLIP config's geometry (model.load_openclip's mapping)."""
+    overrides = {k: v for k, v in dict(image_size=image_size, pre_layers=pre_layers).items() if v is not None}
+    return load_openclip(model, boundary='none', **overrides).visual.cfg
+
+
+def n_params(tower):
+    return sum(p.numel() for p in tower.parameters())
+
+
+def flop_rows(model, ratios, image_size=None, pre_layers=None):
+    base = base_config(model, image_size, pre_layers)
+    N, size = base.n_patches, base.image_size
+    images = torch.zeros(1, 3, size, size)
+    plain = DTPViT(base)
+    macs = fvcore_count(plain, images).total()
+    common = dict(arch=model, image_size=size, pre_layers=base.pre_layers)
+    rows = [dict(common, pooling='none', ratio=1.0, tokens=N + 1, macs=macs, gmacs=macs / 1e9,
+                 gflops=2 * macs / 1e9, closed_form_gmacs=gmacs(base), params=n_params(plain),
+                 rel_cost=1.0, overhead_gmacs=0.0)]
+    uncounted = set()
+    for r in map(float, ratios):
+        # The real gumbel model with its predictor; ratio r is simulated by evenly spaced boundaries
+        # giving exactly ceil(N / r) segments, since fvcore traces one static graph.
+        cfg = dataclasses.replace(base, boundary='gumbel', compression=r)
+        tower = DTPViT(cfg)
+        S = math.ceil(N / r)
+        analysis = fvcore_count(tower, images, fixed_boundaries(1, N, S))
+        macs = analysis.total()
+        overhead = analysis.by_module()['tower.predictor'] + analysis.by_operator().get('einsum', 0)
+        rows.append(dict(common, pooling='dtp', ratio=r, tokens=1 + S, macs=macs, gmacs=macs / 1e9,
+                         gflops=2 * macs / 1e9, closed_form_gmacs=gmacs(cfg, S), params=n_params(tower),
+                         rel_cost=macs / rows[0]['macs'], overhead_gmacs=overhead / 1e9))
+        uncounted |= set(analysis.unsupported_ops())
+    return rows, base, sorted(uncounted)
+
+
+def print_table(columns, rows):
+    cells = [[title for title, _ in columns]] + [[fmt(row) for _, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print('  '.join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+
+
+FLOP_COLUMNS = [
+    ('arch', lambda r: r['arch']), ('pooling', lambda r: r['pooling']),
+    ('ratio', lambda r: '-' if r['pooling'] == 'none' else f"{r['ratio']:g}"),
+    ('tokens', lambda r: f"{r['tokens']:g}"), ('GMACs', lambda r: f"{r['gmacs']:.3f}"),
+    ('GFLOPs', lambda r: f"{r['gflops']:.2f}"), ('params', lambda r: f"{r['params'] / 1e6:.2f}M"),
+    ('rel. cost', lambda r: f"{r['rel_cost']:.3f}"),
+    ('predictor+pool', lambda r: '-' if r['pooling'] == 'none' else
+     f"{r['overhead_gmacs']:.3f} ({100 * r['overhead_gmacs'] / r['gmacs']:.1f}%)"),
+]
+
+
+# -----------------------------------------------------------------------------------------------
+# --checkpoint --data: the FLOPs a trained model spends on real images
+
+IMAGE_EXTENSIONS = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff'}
+
+
+def strip_prefixes(key):
+    while key.startswith(('_orig_mod.', 'module.')):  # torch.compile and DDP wrappers
+        key = key.split('.', 1)[1]
+    return key
+
+
+def load_tower(path, model, ratio=None, pre_layers=None, image_size=None):
+    """The DTP-ViT image tower of a checkpoint and its architecture's name. Three kinds:
+    train_clip.py / train_cls.py: {'model': state dict with visual.* keys, 'model_args': load_openclip's
+    arguments, ...}; {'model': ..., 'config': DTPConfig fields under their own names (plus, optionally,
+    `model`, an OpenCLIP config name, and `vision`, DTPConfig overrides)}; or an OpenCLIP-format file,
+    whose DTP settings then come from the command line."""
+    ckpt = None if path.endswith('.safetensors') else torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(ckpt, dict) and 'model' in ckpt and ('model_args' in ckpt or 'config' in ckpt):
+        if 'model_args' in ckpt:
+            arch = ckpt['model_args'].get('model_name', 'ViT-B-32')
+            tower = load_openclip(**{**ckpt['model_args'], 'pretrained': None}).visual
+        else:
+            config, names = ckpt['config'], {f.name for f in dataclasses.fields(DTPConfig)}
+            fields = {k: v for k, v in {**config, **(config.get('vision') or {})}.items() if k in names}
+            arch = config.get('model', 'custom')
+            tower = load_openclip(arch, **fields).visual if arch in open_clip.list_models() \
+                else DTPViT(DTPConfig(**fields))
+        state = {strip_prefixes(k): v for k, v in ckpt['model'].items()}
+        tower.load_state_dict({k[len('visual.'):]: v for k, v in state.items() if k.startswith('visual.')})
+        return tower, arch
+    if ratio is None:
+        raise SystemExit(f"{path} is an OpenCLIP-format checkpoint: pass the compression it was trained "
+                         f"at as a single --ratio R (and --model, --pre-layers if not the defaults)")
+    overrides = {k: v for k, v in dict(image_size=image_size, pre_layers=pre_layers).items() if v is not None}
+    return load_openclip(model, path, boundary='gumbel', compression=ratio, **overrides).visual, model
+
+
+@torch.no_grad()
+def checkpoint_rows(args, device):
+    ratio = args.ratio[0] if args.ratio and len(args.ratio) == 1 else None
+    tower, arch = load_tower(args.checkpoint, args.model, ratio, args.pre_layers, args.image_size)
+    if args.eval_boundaries:
+        tower.cfg.eval_boundaries = args.eval_boundaries
+    tower = tower.to(device).eval()
+    cfg, N = tower.cfg, tower.cfg.n_patches
+    paths = sorted(p for p in Path(args.data).rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise SystemExit(f"no images under {args.data}")
+    transform = open_clip.image_transform(cfg.image_size, is_train=False)
+    segments, padded = [], []  # per image: its segment count, and its batch's maximum
+    for i in range(0, len(paths), args.batch_size):
+        images = []
+        for p in paths[i:i + args.batch_size]:
+            with Image.open(p) as im:
+                images.append(transform(im))
+        _, aux = tower(torch.stack(images).to(device))
+        counts = aux['n_segments'].tolist()
+        segments += counts
+        padded += [max(counts)] * len(counts)
+    plain = dataclasses.replace(cfg, boundary='none')
+    params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith('predictor.'))
+    common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(paths),
+                  batch_size=args.batch_size, eval_boundaries=cfg.eval_boundaries)
+    rows = [dict(common, pooling='none', measure='closed form', ratio=1.0, tokens=N + 1, gmacs=gmacs(plain),
+                 params=params)]
+    ideal = statistics.fmean(gmacs(cfg, s) for s in segments)
+    run = statistics.fmean(padded_gmacs(cfg, s, p) for s, p in zip(segments, padded))
+    for measure, counts, g in (('per image (ideal)', segments, ideal), ('padded batches', padded, run)):
+        rows.append(dict(common, pooling='dtp', measure=measure, ratio=N / statistics.fmean(counts),
+                         tokens=1 + statistics.fmean(counts), gmacs=g, params=n_params(tower)))
+    for row in rows:
+        row.update(gflops=2 * row['gmacs'], rel_cost=row['gmacs'] / rows[0]['gmacs'])
+    return rows, cfg, segments
+
+
+# -----------------------------------------------------------------------------------------------
+# --bench: what the FLOP savings buy in wall-clock time and memory
+
+def bench_towers(base, ratios):
+    """The plain ViT and a gumbel DTP-ViT per ratio, with the same weights (only the predictor is new)."""
+    torch.manual_seed(0)
+    plain = DTPViT(base)
+    towers = [(None, plain)]
+    for r in ratios:
+        tower = DTPViT(dataclasses.replace(base, boundary='gumbel', compression=r))
+        missing, unexpected = tower.load_state_dict(plain.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith('predictor.') for k in missing), (missing, unexpected)
+        towers.append((r, tower))
+    return towers
+
+
+def rss_kb(field):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ':'))
+
+
+def peak_memory_gb(run, tower, device):
+    """Peak memory of `run` (two training steps from a fresh optimizer): the tower's weights plus the
+    peak growth above what was allocated before (grads, AdamW state, activations).
+    CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak RSS (VmHWM), reset to the current
+    RSS through /proc/self/clear_refs after malloc_trim has returned freed heap pages to the OS, so
+    memory freed by earlier rows is neither reused unseen nor counted."""
+    weights = sum(p.numel() * p.element_size() for p in tower.parameters())
+    if device == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (weights + torch.cuda.max_memory_allocated() - before) / 1e9
+    try:
+        gc.collect()
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        before = rss_kb('VmRSS')
+    except OSError:  # not Linux/glibc: no sound measurement
+        run()
+        return float('nan')
+    run()
+    return (weights + (rss_kb('VmHWM') - before) * 1024) / 1e9
+
+
+def bench_rows(args, base, ratios, device):
+    cuda = device == 'cuda'
+    autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    batch, N = args.batch_size, base.n_patches
+    images = torch.randn(batch, 3, base.image_size, base.image_size,
+                         generator=torch.Generator().manual_seed(0)).to(device)
+    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios)]
+
+    def interleaved(fns, warmup):
+        """Median seconds of each fn, timed round-robin so that background load hits every row alike."""
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+        times = [[] for _ in fns]
+        for _ in range(args.repeats):
+            for fn, ts in zip(fns, times):
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                ts.append(time.perf_counter() - t0)
+        return [statistics.median(ts) for ts in times]
+
+    # Inference: eval mode, the predictor's deterministic top-k boundaries (round(N / r) segments).
+    eval_segments = []
+    for _, tower in towers:
+        with torch.no_grad(), autocast():
+            eval_segments.append(int(tower.eval()(images)[1]['n_segments'].max()))
+
+    def infer(tower):
+        def fn():
+            with torch.no_grad(), autocast():
+                tower(images)
+        return fn
+    infer_s = interleaved([infer(t) for _, t in towers], warmup=2)
+
+    # Training: train mode, Gumbel-sampled boundaries (segment counts vary per image); one step = forward,
+    # a loss on the features (a stand-in for the contrastive loss) + the boundary loss, backward, AdamW.
+    steps, train_segments, memory = [], [], []
+    for _, tower in towers:
+        tower.train()
+        opt = torch.optim.AdamW(tower.parameters(), lr=1e-5, fused=True)
+        segs = []
+
+        def step(tower=tower, opt=opt, segs=segs):
+            with autocast():
+                features, aux = tower(images)
+            loss = features.float().square().mean() + aux['boundary_loss']
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            segs.append(aux['n_segments'].float().mean())
+        memory.append(peak_memory_gb(lambda: (step(), step()), tower, device))  # also the warm-up
+        steps.append(step)
+        train_segments.append(segs)
+    train_s = interleaved(steps, warmup=0)
+
+    rows = []
+    for (r, tower), s_eval, t_inf, t_train, segs, mem in zip(towers, eval_segments, infer_s, train_s,
+                                                             train_segments, memory):
+        cfg = tower.cfg
+        ideal = gmacs(base) / gmacs(cfg, s_eval)  # the FLOP ratio at the segments inference ran
+        rows.append(dict(arch=args.model, pooling='none' if r is None else 'dtp', ratio=1.0 if r is None else float(r),
+                         bench_tokens=1 + s_eval, bench_gmacs=gmacs(cfg, s_eval), params=n_params(tower),
+                         train_tokens=1 + statistics.fmean(float(s) for s in segs),
+                         throughput=batch / t_inf, train_step_s=t_train, peak_mem_gb=mem, ideal=ideal,
+                         device=device, batch_size=batch, repeats=args.repeats,
+                         mode='plain ViT' if r is None else
+                         'inference: eval, top-k boundaries; training: Gumbel boundaries'))
+    for row in rows:
+        row['speedup'] = row['throughput'] / rows[0]['throughput']
+        row['train_speedup'] = rows[0]['train_step_s'] / row['train_step_s']
+    return rows
+
+
+BENCH_COLUMNS = [
+    ('arch', lambda r: r['arch']), ('ratio', lambda r: '-' if r['pooling'] == 'none' else f"{r['ratio']:g}"),
+    ('tokens', lambda r: f"{r['bench_tokens']:g}"), ('img/s', lambda r: f"{r['throughput']:.1f}"),
+    ('speedup', lambda r: f"{r['speedup']:.2f}x"), ('ideal', lambda r: f"{r['ideal']:.2f}x"),
+    ('quotient', lambda r: f"{r['speedup'] / r['ideal']:.0%}"),
+    ('| train tokens', lambda r: f"| {r['train_tokens']:.1f}"),
+    ('s/step', lambda r: f"{r['train_step_s']:.3f}"), ('speedup ', lambda r: f"{r['train_speedup']:.2f}x"),
+    ('quotient ', lambda r: f"{r['train_speedup'] / r['ideal']:.0%}"),
+    ('peak mem', lambda r: f"{r['peak_mem_gb']:.2f} GB"),
+]
+
+
+# -----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='ViT-B-32', help='OpenCLIP ViT config (default ViT-B-32)')
+    parser.add_argument('--ratio', type=float, nargs='+', help='compression ratios (default 1 2 4 10)')
+    parser.add_argument('--image-size', type=int, help="input resolution (default: the config's)")
+    parser.add_argument('--pre-layers', type=int, help='full-length blocks before pooling (default 2)')
+    parser.add_argument('--json', action='store_true', help='print the rows as one JSON list')
+    parser.add_argument('--bench', action='store_true', help='also measure throughput, train step, memory')
+    parser.add_argument('--batch-size', type=int, help='bench/checkpoint batch (default 32 on CPU, 256 on CUDA)')
+    parser.add_argument('--repeats', type=int, default=5, help='bench: timed repeats per row (median)')
+    parser.add_argument('--threads', type=int, help="bench: torch.set_num_threads (default: torch's, one per core)")
+    parser.add_argument('--checkpoint', help='training checkpoint, or OpenCLIP-format file (needs --data)')
+    parser.add_argument('--data', help='directory of images (searched recursively) for --checkpoint')
+    parser.add_argument('--eval-boundaries', choices=['topk', 'threshold'],
+                        help="--checkpoint: override the checkpoint's eval rule (topk: round(N/r) per image)")
+    args = parser.parse_args(argv)
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args.batch_size = args.batch_size or (256 if device == 'cuda' else 32)
+    say = (lambda *a: None) if args.json else print
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.checkpoint or args.data:
+        if not (args.checkpoint and args.data):
+            parser.error('--checkpoint and --data go together')
+        rows, cfg, segments = checkpoint_rows(args, device)
+        say(f"{args.checkpoint}: {rows[0]['arch']} (width {cfg.width}, {cfg.pre_layers}+{cfg.short_layers} layers, "
+            f"patch {cfg.patch_size}, {cfg.image_size}px, {cfg.n_patches} patches), boundary {cfg.boundary}, "
+            f"compression {cfg.compression:g}, eval boundaries {cfg.eval_boundaries}")
+        say(f"{len(segments)} images under {args.data}, batch {args.batch_size}; segments per image: min "
+            f"{min(segments)}, mean {statistics.fmean(segments):.2f}, max {max(segments)}")
+        say("GMACs from the closed form (fvcore's convention: 1 multiply-add = 1 FLOP; GFLOPs = 2 x GMACs): "
+            "per image from its own segment count, padded from its batch's largest")
+        say()
+        if not args.json:
+            print_table([('arch', lambda r: r['arch']), ('pooling', lambda r: r['pooling']),
+                         ('measure', lambda r: r['measure']), ('compression', lambda r: f"{r['ratio']:.2f}"),
+                         *FLOP_COLUMNS[3:8]], rows)
+    else:
+        ratios = args.ratio or [1, 2, 4, 10]
+        rows, base, uncounted = flop_rows(args.model, ratios, args.image_size, args.pre_layers)
+        N = base.n_patches
+        say(f"{args.model} image tower at {base.image_size}x{base.image_size}: {N} patches + [CLS], "
+            f"{base.pre_layers} full-length + {base.short_layers} shortened layers; per image")
+        say("fvcore FlopCountAnalysis with attention handles. GMACs = fvcore's count (1 multiply-add = 1 FLOP); "
+            "GFLOPs = 2 x GMACs, as OpenCLIP and most papers quote")
+        say(f"DTP at ratio r: the gumbel model, predictor included, on evenly spaced boundaries giving "
+            f"ceil({N}/r) segments; tokens = tokens in the shortened layers, [CLS] included")
+        say()
+        if not args.json:
+            print_table(FLOP_COLUMNS, rows)
+        say(f"\nnot counted (element-wise): {', '.join(op.replace('aten::', '') for op in uncounted)}")
+        if args.bench:
+            bench = bench_rows(args, base, ratios, device)
+            for row, b in zip(rows, bench):
+                row.update(b)
+            precision = 'bf16 autocast' if device == 'cuda' else 'fp32'
+            say(f"\nbench on {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{torch.get_num_threads()} threads'}"
+                f", {precision}), batch {args.batch_size}, median of {args.repeats} repeats timed round-robin; "
+                f"same weights and inputs in every row")
+            say("DTP rows run the real predictor: inference in eval mode (top-k boundaries, round(N/r) segments); "
+                "training in train mode (Gumbel-sampled boundaries: train tokens is their mean; the blocks pack")
+            say("  the real tokens, attention alone runs padded to the batch's largest count; the predictor is "
+                "untrained, so segment counts vary as much as a given rate allows)")
+            say("train step = forward + loss on the features + boundary loss + backward + AdamW (fused); "
+                "ideal = FLOP ratio at the inference segment count; quotient = measured speedup / ideal")
+            say("peak mem = weights + peak growth over two training steps from a fresh optimizer: " +
+                ("torch.cuda.max_memory_allocated" if device == 'cuda' else
+                 "process RSS (VmHWM after a /proc/self/clear_refs reset and malloc_trim)"))
+            say()
+            if not args.json:
+                print_table(BENCH_COLUMNS, bench)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == '__main__':
+    main()

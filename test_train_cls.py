@@ -1,0 +1,174 @@
+"""End-to-end tests of train_cls.py on the built-in shapes folders, with a tiny model (config/shapes_cls_tiny.py)
+or a small random OpenCLIP checkpoint standing in for a pretrained one."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from model import load_openclip
+from train_utils import cosine_lr
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TINY = 'config/shapes_cls_tiny.py'
+
+
+def run(*args, torchrun=False, check=True):
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run(launcher + ['train_cls.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f'train_cls.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def openclip_checkpoint(tmp_path):
+    """A small random CLIP built by OpenCLIP itself (12 vision blocks of width 64, as the ViT-B-32 config
+    asks, 16 patches of 16 px) and saved in OpenCLIP's layout: a stand-in for a pretrained checkpoint.
+    Returns it and the train_cls.py arguments that load it."""
+    torch.manual_seed(0)
+    ref = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=64, patch_size=16, width=64, layers=12, head_width=32),
+                         text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)).eval()
+    path = str(tmp_path / 'openclip.pt')
+    torch.save(ref.state_dict(), path)
+    return ref, [f'--init_from={path}', "--vision={'image_size': 64, 'patch_size': 16, 'width': 64, 'heads': 2, "
+                 "'embed_dim': 64}", "--text={'width': 64, 'heads': 2, 'layers': 2, 'context_length': 32}",
+                 '--pre_layers=2', '--short_layers=10', '--batch_size=32']
+
+
+def test_loss_decreases_and_everything_is_logged(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=60', '--log_interval=10', '--ckpt_interval=1000', '--lr=3e-3')
+    logged = [r for r in records(out) if 'loss' in r]
+    assert [r['step'] for r in logged] == [10, 20, 30, 40, 50, 60]
+    assert logged[-1]['ce'] < logged[0]['ce'] - 0.8, [r['ce'] for r in logged]  # untrained, it wanders by ~0.3
+    for key in ['epoch', 'loss', 'ce', 'boundary', 'compression', 'lr', 'step_time', 'data_time', 'samples_per_s',
+                'mem_gb']:
+        assert key in logged[0], key
+    epoch = [r for r in records(out) if 'val_top1' in r]
+    assert len(epoch) == 1 and epoch[0]['step'] == 60
+    for key in ['train_loss', 'val_top1', 'val_top5', 'train_compression', 'eval_compression', 'avg_step_time',
+                'peak_mem_gb', 'lr']:
+        assert key in epoch[0], key
+    assert 0 <= epoch[0]['val_top1'] <= epoch[0]['val_top5'] <= 100
+    assert 2.0 < epoch[0]['train_compression'] < 8.0 and epoch[0]['eval_compression'] == 4.0  # 16 patches, 4x
+    assert epoch[0]['avg_step_time'] > 0 and epoch[0]['peak_mem_gb'] is None  # no memory statistics on CPU
+    assert os.path.isfile(os.path.join(out, 'boundaries_60.png'))
+
+
+def test_zeroshot_head_reproduces_the_zero_shot_classifier(tmp_path):
+    """Untrained, the classifier IS CLIP's zero-shot classifier: the same top-1/top-5 on the val set, and
+    per image the same logits (CLIP's logit scale times the cosine similarities)."""
+    ref, args = openclip_checkpoint(tmp_path)
+    tokenizer = open_clip.get_tokenizer('ViT-B-32', context_length=32)
+    zero_shot = open_clip.build_zero_shot_classifier(ref, tokenizer, data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES)
+    loader = data.folder_loader(data.make_shapes()['root'], 'val', data.image_transforms(64)[1], 250, workers=0)
+    with torch.no_grad():
+        images, labels = map(torch.cat, zip(*loader))
+        expected = ref.logit_scale.exp() * ref.encode_image(images, normalize=True) @ zero_shot
+    top5 = expected.topk(5, dim=1).indices
+    assert len(labels) == 1500
+
+    # head_init='auto' picks 'zeroshot' for a checkpoint; boundary='none' is the OpenCLIP ViT exactly
+    evaluated = str(tmp_path / 'eval')
+    run(*args, '--boundary=none', '--eval_only=True', f'--out_dir={evaluated}')
+    ours = records(evaluated)[-1]
+    assert ours['val_top1'] == pytest.approx(100 * (top5[:, 0] == labels).float().mean().item())
+    assert ours['val_top5'] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
+
+    # zero epochs: the checkpoint holds the initial classifier; its architecture comes back from model_args
+    initial = str(tmp_path / 'initial')
+    run(*args, '--boundary=none', '--epochs=0', f'--out_dir={initial}')
+    ckpt = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 0 and ckpt['n_classes'] == 30
+    visual = load_openclip(**ckpt['model_args']).visual.eval()
+    visual.load_state_dict({k[7:]: v for k, v in ckpt['model'].items() if k.startswith('visual.')})
+    with torch.no_grad():
+        features = F.normalize(visual(images)[0], dim=-1)
+        logits = F.linear(features, ckpt['model']['head.weight'], ckpt['model']['head.bias'])
+    assert torch.equal(ckpt['model']['head.bias'], torch.zeros(30))
+    torch.testing.assert_close(ckpt['model']['head.weight'], (ref.logit_scale.exp() * zero_shot.T).detach())
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
+
+
+def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
+    ref, args = openclip_checkpoint(tmp_path)
+    args += ['--boundary=gumbel', '--compression=4.0']
+    pretrained = ref.state_dict()
+    initial, trained = str(tmp_path / 'initial'), str(tmp_path / 'trained')
+    # zero epochs of finetuning: the initial weights (the seed fixes the new head and predictor) and the
+    # finetuning optimizer, whose pretrained weights train at lr * backbone_lr_scale
+    run(*args, '--epochs=0', '--backbone_lr_scale=0.1', f'--out_dir={initial}')
+    before = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
+    n_pretrained = len([k for k in pretrained if k.startswith('visual.')])
+    n_params = Counter()
+    for group in before['optimizer']['param_groups']:
+        n_params[group['lr_scale']] += len(group['params'])
+    assert n_params == {1.0: 8, 0.1: n_pretrained}  # 8: head and predictor weights and biases
+    before = before['model']
+
+    run(*args, '--freeze_backbone=True', '--max_steps=5', '--lr=1e-2', f'--out_dir={trained}')
+    after = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    new = [k for k in after['model'] if k.startswith(('head.', 'visual.predictor.'))]
+    assert len(new) == 8 and len(after['model']) == len(new) + n_pretrained
+    for k, v in after['model'].items():
+        if k in new:
+            assert not torch.equal(v, before[k]), f'{k} did not train'
+        else:  # bit-identical to the OpenCLIP weights
+            assert torch.equal(v, pretrained[k]) and torch.equal(v, before[k]), f'{k} changed'
+    assert len(after['optimizer']['state']) == len(new)  # nothing else was even handed to the optimizer
+    assert [r for r in records(trained) if 'val_top1' in r][-1]['eval_compression'] == 4.0  # the predictor is used
+
+
+def test_checkpoint_and_resume(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
+    first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config',
+                                                  'model_args', 'n_classes'}
+
+    # resuming with nothing left to do writes back exactly what it loaded
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
+    again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    for k, v in first['model'].items():
+        assert torch.equal(v, again['model'][k]), k
+    assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
+
+    # and resuming with more steps continues from step 10, on the same learning-rate schedule
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
+    logged = records(out)
+    resumed = [r for r in logged if 'resume_step' in r]
+    assert resumed and resumed[-1]['resume_step'] == 10 and resumed[-1]['skipping_batches'] == 10
+    after = [r for r in logged[logged.index(resumed[-1]):] if 'loss' in r]
+    assert [r['step'] for r in after] == [15, 20]
+    assert after[0]['lr'] == pytest.approx(cosine_lr(14, 20, 5, 1e-3, 1e-5))
+    final = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert final['step'] == 20 and final['optimizer']['state'][0]['step'] == 20
+    assert not torch.equal(final['model']['head.weight'], first['model']['head.weight'])
+
+
+def test_torchrun_two_ranks_stay_identical(tmp_path):
+    out = str(tmp_path / 'ddp')
+    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=3', torchrun=True)
+    sync = [r for r in records(out) if 'ranks_in_sync' in r]
+    assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
+    assert [r['world_size'] for r in records(out) if 'world_size' in r] == [2]
+    assert [r['step'] for r in records(out) if 'loss' in r] == [3, 6]
+
+
+def test_missing_imagenet_fails_clearly(tmp_path):
+    proc = run(TINY, f'--out_dir={tmp_path}', '--data_dir=/nonexistent/imagenet', check=False)
+    assert proc.returncode != 0 and '/nonexistent/imagenet/train' in proc.stderr and 'n01440764' in proc.stderr
+    assert 'Traceback' not in proc.stderr  # a message, not a crash

@@ -1,0 +1,315 @@
+"""
+Image classification with a DTP-ViT backbone and a linear head: a linear probe of a frozen
+(pretrained) CLIP image tower, or a finetune of all of it. Single process or torchrun DDP.
+
+    python train_cls.py                                    # the CPU demo: a small DTP-ViT from scratch on shapes
+    python train_cls.py config/shapes_cls_tiny.py          # seconds, for tests and smoke checks
+    torchrun --standalone --nproc_per_node=8 train_cls.py config/imagenet_linear_10x.py
+
+Settings are the globals below; a config file (Python, executed in order) and then --key=value
+pairs override them. An unknown key or a value of the wrong type stops the run before it starts.
+
+The head always sees the L2-normalised image embedding. With head_init='zeroshot' its weights are
+CLIP's logit scale times the text tower's zero-shot classifier, so before any training its logits
+ARE CLIP's zero-shot logits; 'random' uses random directions of the same norm and nothing else.
+"""
+import os
+import time
+from collections import defaultdict
+
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from open_clip import zero_shot_metadata
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+from model import load_openclip
+from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
+                         peak_memory_gb, save_checkpoint, save_segments_png, setup_distributed, sync, unwrap)
+
+# -----------------------------------------------------------------------------------------------
+# defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
+# (36 patches: as accurate as 64 px here and 1.6x faster), ~5.5 minutes on 2 cores, 94% val top-1
+# I/O
+out_dir = 'out/cls-shapes'
+init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag
+eval_only = False           # evaluate the initial model (e.g. the zero-shot head) and exit
+log_interval = 10           # steps between log lines
+ckpt_interval = 250         # steps between checkpoints (and one at the end); evaluation is per epoch
+# data
+data_dir = 'shapes'         # 'shapes' (built-in, generated on first use) or an ImageNet root with train/ and val/
+workers = 0                 # dataloader processes per GPU (0 for the demo: on 2 cores, workers slow the model)
+# model: an OpenCLIP architecture, resized by the two dicts for the demo (as in train_clip.py)
+model = 'ViT-B-32'          # OpenCLIP config name
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
+text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrides; the text tower is only
+                            # used to build a zero-shot head, and dropped afterwards
+pre_layers = 2              # full-length blocks before pooling
+short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
+boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
+compression = 4.0           # target patches per segment
+temperature = 0.5           # Gumbel-Sigmoid temperature
+eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
+pool = 'cls'                # 'cls' or 'mean'
+head_init = 'auto'          # 'zeroshot', 'random', or 'auto': zeroshot when init_from is a checkpoint, else random
+freeze_backbone = False     # True: train only what is new (the head and the boundary predictor)
+backbone_lr_scale = 0.1     # finetuning: lr multiplier of pretrained weights (a backbone from scratch trains at lr)
+# optimisation
+batch_size = 128            # per GPU
+epochs = 15
+max_steps = 0               # stop after this many steps (0: epochs x steps per epoch)
+lr = 1e-3
+min_lr = 1e-5
+warmup_steps = 100
+lr_decay_steps = 0          # length of the cosine schedule (0: the total number of steps)
+weight_decay = 0.05
+label_smoothing = 0.1
+boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
+grad_clip = 1.0             # max gradient norm (0: off)
+precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
+compile = False             # torch.compile the model
+seed = 0
+# -----------------------------------------------------------------------------------------------
+config = configure({k: globals()[k] for k in config_keys(globals())})
+globals().update(config)
+if head_init not in ('auto', 'zeroshot', 'random'):
+    raise SystemExit(f"config error: head_init={head_init!r}, expected 'auto', 'zeroshot' or 'random'")
+
+rank, world_size, device = setup_distributed()
+master = rank == 0
+os.makedirs(out_dir, exist_ok=True)
+log_file = os.path.join(out_dir, 'log.jsonl')
+
+
+def log(record):
+    if master:
+        tqdm.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()))
+        log_jsonl(log_file, record)
+
+
+# data: two ImageFolders; a missing or malformed one fails here, with the layout it expects ------
+if data_dir == 'shapes':
+    if master:
+        data.make_shapes()  # idempotent: generated once, then reused
+    if world_size > 1:
+        dist.barrier()
+    data_root, classnames, templates = data.shapes_paths()['root'], data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
+else:
+    data_root = data_dir
+    classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+try:
+    train_set = data.imagenet_dataset(data_root, 'train')  # transforms are set once the image size is known
+    val_set = data.imagenet_dataset(data_root, 'val')
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'data_dir={data_dir!r}: {e}')
+if val_set.classes != train_set.classes:
+    raise SystemExit(f'{data_root}: train/ and val/ have different class folders')
+
+# model: the CLIP image tower + a linear head on its normalised embedding -------------------------
+class Classifier(nn.Module):
+    def __init__(self, visual, n_classes):
+        super().__init__()
+        self.visual = visual
+        self.head = nn.Linear(visual.cfg.embed_dim, n_classes)
+
+    def forward(self, images):
+        features, aux = self.visual(images)
+        return self.head(F.normalize(features, dim=-1)), aux
+
+
+torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
+ckpt = None
+if init_from == 'resume':
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
+else:
+    dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
+               eval_boundaries=eval_boundaries, pool=pool)
+    if short_layers is not None:
+        dtp['short_layers'] = short_layers
+    model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
+    pretrained = init_from != 'scratch'
+clip = load_openclip(**model_args)
+model_args['pretrained'] = None  # weights come from the checkpoint from now on
+net = Classifier(clip.visual, len(train_set.classes)).to(device)
+if ckpt is not None:
+    net.load_state_dict(ckpt['model'])
+else:
+    head_init = head_init if head_init != 'auto' else 'zeroshot' if pretrained else 'random'
+    if head_init == 'zeroshot':
+        # The text tower embeds every "template(class name)" prompt; the normalised class means form
+        # the zero-shot classifier (embed_dim, n_classes).
+        if len(classnames) != len(train_set.classes):
+            raise SystemExit(f"head_init='zeroshot': {len(classnames)} class names (ImageNet's), but "
+                             f'{len(train_set.classes)} class folders in {data_root}/train')
+        tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
+        clip.to(device).eval()
+        with autocast(device, precision):
+            directions = open_clip.build_zero_shot_classifier(clip, tokenizer, classnames, templates, device=device).T
+    else:
+        directions = F.normalize(torch.randn_like(net.head.weight), dim=-1)
+    # Either way each class gets a weight vector of norm logit_scale (CLIP's inverse temperature: 1/0.07
+    # untrained, 100 for laion2b), so the logits are CLIP's: logit_scale * cos(image, class). The two inits
+    # differ in the directions only. (nn.Linear's default init on a unit vector would give logits ~0.1
+    # that take hundreds of steps to grow: the demo learned several times slower.)
+    with torch.no_grad():
+        net.head.weight.copy_(clip.logit_scale.exp() * directions.float())
+        net.head.bias.zero_()
+del clip  # the text tower is not trained: keep it out of memory, the optimizer and DDP
+train_transform, val_transform = data.image_transforms(net.visual.cfg.image_size)
+train_set.transform, val_set.transform = train_transform, val_transform
+torch.manual_seed(seed + rank)  # each rank draws its own Gumbel noise
+
+# The pretrained weights are everything but the head and the boundary predictor, which are new.
+# Frozen: only the new parts train. The predictor's task gradient still flows back through the
+# pooling and the frozen shortened layers (plus the boundary loss). The backbone stays in train
+# mode, so that the predictor samples boundaries; the ViT has no dropout or batch norm to mind.
+def is_new(name):
+    return name.startswith(('head.', 'visual.predictor.'))
+
+
+if freeze_backbone:
+    for name, p in net.named_parameters():
+        p.requires_grad_(is_new(name))
+# AdamW groups (weight decay or not) x (new, at lr; or pretrained, at lr * backbone_lr_scale)
+groups = []
+for new, lr_scale in [(True, 1.0), (False, backbone_lr_scale if pretrained else 1.0)]:
+    named = [(n, p) for n, p in net.named_parameters() if is_new(n) == new]
+    groups += [dict(g, lr_scale=lr_scale) for g in param_groups(named, weight_decay) if g['params']]
+
+val_loader = data.folder_loader(data_root, 'val', val_transform, batch_size, workers=workers) if master else None
+
+
+def validate():
+    """Top-1/top-5 (percent) and compression on the whole val set (rank 0), and a picture of the segments."""
+    m = unwrap(net)
+    m.eval()
+    result = evaluate(m, val_loader, device, precision)
+    if m.visual.cfg.boundary != 'none':
+        images = next(iter(val_loader))[0][:16].to(device)
+        with torch.no_grad(), autocast(device, precision):
+            boundaries = m.visual(images)[1]['boundaries']
+        save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, boundaries, m.visual.grid_size,
+                          open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    m.train()
+    return dict(val_top1=result['top1'], val_top5=result['top5'], eval_compression=result['compression'])
+
+
+step = ckpt['step'] if ckpt else 0
+if eval_only:
+    if master:
+        log(dict(step=step, **validate()))
+    raise SystemExit
+
+# optimisation ----------------------------------------------------------------------------------
+# A seeded sampler: the same order on resume (skipped by index, not by loading batches), and
+# disjoint shards on each rank.
+sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed, drop_last=True)
+steps_per_epoch = len(sampler) // batch_size
+total_steps = max_steps or epochs * steps_per_epoch
+optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    del ckpt
+loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+model = torch.compile(net) if compile else net
+if world_size > 1:
+    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
+def checkpoint():
+    if master:
+        save_checkpoint(dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             step=step, epoch=step // steps_per_epoch, config=config, model_args=model_args,
+                             n_classes=len(train_set.classes), classes=train_set.classes,
+                             pretrained_backbone=pretrained), os.path.join(out_dir, 'ckpt.pt'))
+
+
+log(dict(params_M=sum(p.numel() for p in net.parameters()) / 1e6,
+         trainable_M=sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6, steps=total_steps,
+         steps_per_epoch=steps_per_epoch, world_size=world_size, device=str(device)))
+bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+model.train()
+window = defaultdict(float)  # sums over the current log interval (tensors stay on the device until logged)
+while step < total_steps:
+    epoch, seen = divmod(step, steps_per_epoch)
+    sampler.set_epoch(epoch)
+    if seen:  # resumed mid-epoch: skip what the checkpointed run already trained on
+        log(dict(resume_step=step, epoch=epoch, skipping_batches=seen))
+    loader = torch.utils.data.DataLoader(train_set, batch_size, sampler=list(sampler)[seen * batch_size:],
+                                         drop_last=True, num_workers=workers, pin_memory=device.type == 'cuda')
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    epoch_stats = defaultdict(float)
+    t0 = time.perf_counter()
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        sync(device)
+        t1 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group['lr'] = group['lr_scale'] * cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr)
+        with autocast(device, precision):
+            logits, aux = model(images)
+            ce = loss_fn(logits.float(), labels)
+            loss = ce + boundary_loss_weight * aux['boundary_loss']
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        sync(device)
+        t2 = time.perf_counter()
+        step += 1
+
+        stats = dict(loss=loss, ce=ce, boundary=aux['boundary_loss'], compression=aux['compression'],
+                     step_time=t2 - t1, data_time=t1 - t0, n=1)
+        for k, v in stats.items():
+            v = v.detach() if torch.is_tensor(v) else v
+            window[k], epoch_stats[k] = window[k] + v, epoch_stats[k] + v
+        bar.update()
+        if step % log_interval == 0 or step == total_steps:
+            n = window.pop('n')
+            record = dict(step=step, epoch=step / steps_per_epoch, **{k: float(v) / n for k, v in window.items()},
+                          lr=optimizer.param_groups[0]['lr'],
+                          samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
+                          mem_gb=peak_memory_gb(device))
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", compression=f"{record['compression']:.2f}")
+            window.clear()
+        if step % ckpt_interval == 0 and step < total_steps:
+            checkpoint()
+        t0 = time.perf_counter()
+        if step >= total_steps:
+            break
+    # per epoch: the task metrics and the design document's efficiency metrics (step time, memory)
+    n = max(1, epoch_stats['n'])
+    record = dict(epoch_end=epoch, epoch=step / steps_per_epoch, step=step, train_loss=float(epoch_stats['ce']) / n,
+                  train_compression=float(epoch_stats['compression']) / n,
+                  avg_step_time=epoch_stats['step_time'] / n, peak_mem_gb=peak_memory_gb(device),
+                  lr=optimizer.param_groups[0]['lr'])
+    if master:
+        log(dict(record, **validate()))
+    if world_size > 1:
+        dist.barrier()  # the other ranks wait while rank 0 evaluates
+bar.close()
+checkpoint()
+if world_size > 1:  # DDP keeps replicas identical; check it, since a silent divergence would waste a run
+    sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
+    gathered = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
+    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=[g.sum().item() for g in gathered]))
+    dist.destroy_process_group()
+    if not in_sync:
+        raise RuntimeError('the DDP replicas hold different weights')

@@ -35,7 +35,7 @@ from torchvision.datasets import ImageFolder
 # -----------------------------------------------------------------------------
 # The shapes dataset: one dominant coloured shape per image, label = colour x shape
 
-SHAPES_VERSION = 1  # bump whenever the generator changes, so old data is regenerated
+SHAPES_VERSION = 2  # bump whenever the generator changes, so old data is regenerated
 # No colour starts with a vowel, so "a {classname}" prompts are always grammatical.
 COLOURS = {'red': (215, 40, 40), 'yellow': (240, 205, 30), 'green': (40, 160, 60),
            'blue': (35, 80, 215), 'purple': (135, 50, 175), 'pink': (245, 125, 185)}
@@ -52,9 +52,8 @@ SHAPES_TEMPLATES = (
 )
 SIZES = {'small': 0.30, 'medium-sized': 0.42, 'large': 0.56}  # shape diameter / image side
 BACKGROUNDS = ['plain', 'plain', 'striped', 'checkered', 'noisy']  # plain 40% of the time
-CAPTIONS = ['a photo of a {size} {name} {pos}', 'a {size} {name} {pos}',
-            'an image of a {size} {name} {pos}', 'a picture showing a {size} {name} {pos}',
-            'there is a {size} {name} {pos}']
+CAPTIONS = ['a photo of a {size}{name}{pos}', 'a {size}{name}{pos}', 'an image of a {size}{name}{pos}',
+            'a picture showing a {size}{name}{pos}', 'there is a {size}{name}{pos}']
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges even at 32-64 px
 SHAPES_ROOT = str(Path(__file__).resolve().parent / 'data' / 'shapes')  # git-ignored
 
@@ -151,8 +150,13 @@ def _render(index, seed, split_id, image_size):
     _draw_shape(draw, shape, *place(cell, r), r, jittered(COLOURS[colour]))
     img = img.reduce(SUPERSAMPLE)
 
-    caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(
-        size=size, name=SHAPES_CLASSNAMES[label], pos=_position_phrase(*divmod(cell, 3)))
+    # Size and position are each named in half of the captions only. Named always, colour + size +
+    # position would single out almost every caption in a batch of 128 (6 x 3 x 9 = 162 combinations),
+    # and contrastive training would have little reason to learn the shape.
+    template = CAPTIONS[rng.integers(len(CAPTIONS))]
+    size_words = f'{size} ' if rng.random() < 0.5 else ''
+    position = ' ' + _position_phrase(*divmod(cell, 3)) if rng.random() < 0.5 else ''
+    caption = template.format(size=size_words, name=SHAPES_CLASSNAMES[label], pos=position)
     if rng.random() < 0.5:
         caption += f' on a {bg} background'
     if n_distract and rng.random() < 0.5:

@@ -27,7 +27,7 @@ from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, 
                          peak_memory_gb, save_checkpoint, save_segments_png, setup_distributed, sync, unwrap)
 
 # -----------------------------------------------------------------------------------------------
-# defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data (~5 minutes on 2 cores)
+# defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~5 minutes on 2 cores)
 # I/O
 out_dir = 'out/clip-shapes'
 init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag
@@ -42,7 +42,7 @@ imagenet_val = None         # ImageNet val folder (one sub-folder per class) for
 workers = 2                 # dataloader processes per GPU
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
 model = 'ViT-B-32'          # OpenCLIP config name of both towers
-vision = dict(image_size=64, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides ({}: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
@@ -53,9 +53,9 @@ eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 # optimisation
 batch_size = 128            # per GPU
-epochs = 6
+epochs = 8
 max_steps = 0               # stop after this many steps (0: epochs x steps per epoch)
-lr = 1e-3
+lr = 2e-3
 min_lr = 1e-5
 warmup_steps = 100
 lr_decay_steps = 0          # length of the cosine schedule (0: the total number of steps)

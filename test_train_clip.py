@@ -51,19 +51,19 @@ def test_loss_decreases_and_everything_is_logged(tmp_path):
 
 def test_checkpoint_and_resume(tmp_path):
     out = str(tmp_path / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
     first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config'}
 
     # resuming with nothing left to do writes back exactly what it loaded
-    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--init_from=resume')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
     again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     for k, v in first['model'].items():
         assert torch.equal(v, again['model'][k]), k
     assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
 
     # and resuming with more steps continues from step 10, on the same learning-rate schedule
-    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
     logged = records(out)
     resumed = [r for r in logged if 'resume_step' in r]
     assert resumed and resumed[-1]['resume_step'] == 10

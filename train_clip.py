@@ -24,7 +24,8 @@ from tqdm import tqdm
 import data
 from model import load_openclip
 from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
-                         peak_memory_gb, save_checkpoint, save_segments_png, setup_distributed, sync, unwrap)
+                         peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
+                         sync, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~5 minutes on 2 cores)
@@ -260,12 +261,9 @@ bar.close()
 checkpoint()
 if val_loader:
     log(zero_shot(step))
-if world_size > 1:  # DDP keeps replicas identical; check it, since a silent divergence would waste a run
-    sums = torch.stack([p.detach().double().sum() for p in clip.parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(gathered, sums)
-    in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
-    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=[g.sum().item() for g in gathered]))
+if world_size > 1:
+    in_sync, checksums = replica_checksums(clip.parameters(), world_size)
+    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
     dist.destroy_process_group()
     if not in_sync:
         raise RuntimeError('the DDP replicas hold different weights')

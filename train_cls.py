@@ -29,7 +29,8 @@ from tqdm import tqdm
 import data
 from model import load_openclip
 from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
-                         peak_memory_gb, save_checkpoint, save_segments_png, setup_distributed, sync, unwrap)
+                         peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
+                         sync, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -304,12 +305,9 @@ while step < total_steps:
         dist.barrier()  # the other ranks wait while rank 0 evaluates
 bar.close()
 checkpoint()
-if world_size > 1:  # DDP keeps replicas identical; check it, since a silent divergence would waste a run
-    sums = torch.stack([p.detach().double().sum() for p in net.parameters()])
-    gathered = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(gathered, sums)
-    in_sync = all(torch.equal(g, gathered[0]) for g in gathered)
-    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=[g.sum().item() for g in gathered]))
+if world_size > 1:
+    in_sync, checksums = replica_checksums(net.parameters(), world_size)
+    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
     dist.destroy_process_group()
     if not in_sync:
         raise RuntimeError('the DDP replicas hold different weights')

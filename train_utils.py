@@ -83,6 +83,15 @@ def setup_distributed():
     return rank, world_size, device
 
 
+
+def replica_checksums(parameters, world_size):
+    """Every rank's sum of its weights, gathered: DDP keeps replicas identical, and checking it at the
+    end of a run costs one all_gather, while a silent divergence would waste the run."""
+    sums = torch.stack([p.detach().double().sum() for p in parameters])
+    gathered = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered), [g.sum().item() for g in gathered]
+
 def autocast(device, precision):
     """bf16/fp16 autocast on CUDA for precision 'bf16'/'fp16'; fp32 otherwise (and on CPU)."""
     if device.type == 'cuda' and precision in ('bf16', 'fp16'):

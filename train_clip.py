@@ -25,7 +25,7 @@ import data
 from model import load_openclip
 from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
                          peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
-                         sync, unwrap)
+                         sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~5 minutes on 2 cores)
@@ -264,6 +264,6 @@ if val_loader:
 if world_size > 1:
     in_sync, checksums = replica_checksums(clip.parameters(), world_size)
     log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
-    dist.destroy_process_group()
+    teardown_distributed()
     if not in_sync:
         raise RuntimeError('the DDP replicas hold different weights')

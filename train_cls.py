@@ -30,7 +30,7 @@ import data
 from model import load_openclip
 from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
                          peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
-                         sync, unwrap)
+                         sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -308,6 +308,6 @@ checkpoint()
 if world_size > 1:
     in_sync, checksums = replica_checksums(net.parameters(), world_size)
     log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
-    dist.destroy_process_group()
+    teardown_distributed()
     if not in_sync:
         raise RuntimeError('the DDP replicas hold different weights')

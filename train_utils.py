@@ -83,6 +83,13 @@ def setup_distributed():
     return rank, world_size, device
 
 
+def teardown_distributed():
+    """Leave the process group together: a rank that tears gloo down while another is still finishing
+    its last collective can abort the other one at exit ('terminate called without an active
+    exception'), failing a run that had finished and saved everything."""
+    dist.barrier()
+    dist.destroy_process_group()
+
 
 def replica_checksums(parameters, world_size):
     """Every rank's sum of its weights, gathered: DDP keeps replicas identical, and checking it at the

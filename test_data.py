@@ -266,3 +266,39 @@ def test_imagefolder_classes_and_zero_shot_templates(shapes, tokenizer):
     # each class's prompts are closest to its own classifier column
     own = BagOfTokens().encode_text(tokenizer([f'a photo of a {c}.' for c in data.SHAPES_CLASSNAMES]), True)
     assert (own @ weights).argmax(1).tolist() == list(range(30))
+
+
+def test_memory_loader_serves_each_decoded_sample_once_per_epoch(shapes, tokenizer, tmp_path):
+    _, val_tf = data.image_transforms(32)
+    images, texts, _ = collect(data.wds_loader(shapes['shards'], val_tf, tokenizer, 16, train=False, workers=0))
+    pairs = {(fingerprint(im), tuple(t.tolist())) for im, t in zip(images, texts)}
+    assert len(pairs) == 64
+
+    def epoch(rank, e):
+        loader = data.memory_loader(shapes['shards'], val_tf, tokenizer, batch_size=8, seed=3, rank=rank, world_size=2)
+        assert loader.num_batches == 4 and loader.num_samples == 64 and loader.skipped() == 0
+        loader.set_epoch(e)
+        batches = list(loader)
+        assert len(batches) == 4 and all(len(b[0]) == len(b[1]) == 8 for b in batches)
+        return [(fingerprint(im), tuple(t.tolist())) for b in batches for im, t in zip(*b)]
+
+    # Two ranks split each epoch into disjoint halves of the same image-caption pairs wds_loader reads.
+    e0 = [epoch(rank, 0) for rank in (0, 1)]
+    assert not set(e0[0]) & set(e0[1]) and set(e0[0]) | set(e0[1]) == pairs
+    # Each epoch is reshuffled (reproducibly from seed + epoch), still disjoint across ranks.
+    e1 = [epoch(rank, 1) for rank in (0, 1)]
+    assert e1[0] != e0[0] and set(e1[0]) | set(e1[1]) == pairs
+    assert epoch(0, 1) == e1[0]
+    # num_samples keeps the first samples in shard order: what the tiny test configs train on.
+    first = data.memory_loader(shapes['shards'], val_tf, tokenizer, batch_size=4, num_samples=20, rank=0, world_size=1)
+    assert first.num_batches == 5
+    assert {fingerprint(im) for b in first for im in b[0]} == {fingerprint(im) for im in images[:20]}
+
+    # Broken samples are skipped and counted at load time, as in wds_loader.
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())
+    write_tar(tmp_path / 'x0.tar', good[:8] + [('bad', dict(good[8][1], jpg=b'not a jpeg'))] + good[9:12])
+    (tmp_path / 'x1.tar').write_bytes(b'garbage, not a tar file' * 100)
+    loader = data.memory_loader(str(tmp_path / 'x{0..1}.tar'), val_tf, tokenizer, batch_size=4, rank=0, world_size=1)
+    assert loader.skipped() == 2 and loader.num_samples == 8  # 11 good samples, 2 full batches of 4
+    with pytest.raises(ValueError, match='fewer than one batch'):
+        data.memory_loader(str(tmp_path / 'x0.tar'), val_tf, tokenizer, batch_size=64, rank=0, world_size=1)

@@ -75,13 +75,17 @@ def test_checkpoint_and_resume(tmp_path):
 
 
 def test_torchrun_two_ranks_stay_identical(tmp_path):
+    """Two ranks streaming the shapes shards through the webdataset loader: CC12M's path (the other
+    tests train from memory, as the 'shapes' default does)."""
     out = str(tmp_path / 'ddp')
-    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=3', torchrun=True)
+    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=3', f"--train_data={data.make_shapes()['shards']}",
+        '--train_num_samples=640', '--workers=1', torchrun=True)
     sync = [r for r in records(out) if 'ranks_in_sync' in r]
     assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
     start = [r for r in records(out) if 'world_size' in r][0]
     assert start['world_size'] == 2
     assert [r['step'] for r in train_records(out)] == [3, 6]
+    assert start['steps_per_epoch'] == 10  # 640 samples / (32 per rank x 2 ranks)
 
 
 def test_eval_only_reproduces_openclip_zero_shot(tmp_path):

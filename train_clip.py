@@ -28,7 +28,7 @@ from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, 
                          sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
-# defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~5 minutes on 2 cores)
+# defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
 # I/O
 out_dir = 'out/clip-shapes'
 init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag
@@ -38,9 +38,9 @@ eval_interval = 0           # steps between zero-shot evaluations (0: only at th
 ckpt_interval = 250         # steps between checkpoints (and one at the end)
 # data
 train_data = 'shapes'       # 'shapes' (built-in, generated on first use) or a webdataset pattern of shards
-train_num_samples = 0       # samples per epoch (0: the whole shapes set; required for other data)
+train_num_samples = 0       # samples per epoch of webdataset shards (required); for 'shapes', its first N (0: all)
 imagenet_val = None         # ImageNet val folder (one sub-folder per class) for zero-shot evaluation
-workers = 2                 # dataloader processes per GPU
+workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
 model = 'ViT-B-32'          # OpenCLIP config name of both towers
 vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
@@ -54,7 +54,7 @@ eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 # optimisation
 batch_size = 128            # per GPU
-epochs = 8
+epochs = 16
 max_steps = 0               # stop after this many steps (0: epochs x steps per epoch)
 lr = 2e-3
 min_lr = 1e-5
@@ -90,7 +90,7 @@ if use_shapes:
     if world_size > 1:
         dist.barrier()
     shapes = data.shapes_paths()
-    train_data, train_num_samples = shapes['shards'], train_num_samples or 10000
+    train_data = shapes['shards']
 elif not eval_only:
     if not train_num_samples:
         raise SystemExit('config error: train_num_samples must be set for webdataset shards')
@@ -162,8 +162,12 @@ if eval_only:
     raise SystemExit
 
 # optimisation ----------------------------------------------------------------------------------
-loader = data.wds_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, train=True,
-                         workers=workers, seed=seed, rank=rank, world_size=world_size)
+if use_shapes:  # small enough for RAM: decoded once, not every step (see data.memory_loader)
+    loader = data.memory_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, seed=seed,
+                                rank=rank, world_size=world_size)
+else:
+    loader = data.wds_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, train=True,
+                             workers=workers, seed=seed, rank=rank, world_size=world_size)
 total_steps = max_steps or epochs * loader.num_batches
 optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
                               fused=True)

@@ -11,3 +11,4 @@ warmup_steps = 5
 log_interval = 5
 ckpt_interval = 10
 workers = 0
+train_num_samples = 1024  # the first 1024 shapes images: decoded in ~1 s instead of ~8 s for all 10,000

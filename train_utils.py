@@ -99,6 +99,7 @@ def replica_checksums(parameters, world_size):
     dist.all_gather(gathered, sums)
     return all(torch.equal(g, gathered[0]) for g in gathered), [g.sum().item() for g in gathered]
 
+
 def autocast(device, precision):
     """bf16/fp16 autocast on CUDA for precision 'bf16'/'fp16'; fp32 otherwise (and on CPU)."""
     if device.type == 'cuda' and precision in ('bf16', 'fp16'):

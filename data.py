@@ -36,7 +36,7 @@ from torchvision.datasets import ImageFolder
 # -----------------------------------------------------------------------------
 # The shapes dataset: one dominant coloured shape per image, label = colour x shape
 
-SHAPES_VERSION = 2  # bump whenever the generator changes, so old data is regenerated
+SHAPES_VERSION = 3  # bump whenever the generator changes, so old data is regenerated
 # No colour starts with a vowel, so "a {classname}" prompts are always grammatical.
 COLOURS = {'red': (215, 40, 40), 'yellow': (240, 205, 30), 'green': (40, 160, 60),
            'blue': (35, 80, 215), 'purple': (135, 50, 175), 'pink': (245, 125, 185)}
@@ -127,7 +127,12 @@ def _render(index, seed, split_id, image_size):
     S = image_size * SUPERSAMPLE
     bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     img = _background(rng, S, bg)
-    draw = ImageDraw.Draw(img)
+    mask = Image.new('L', (S, S), 0)  # where the shapes are: the truth that segment quality is measured on
+    draw, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+
+    def draw_shape(shape, cx, cy, r, fill):
+        _draw_shape(draw, shape, cx, cy, r, fill)
+        _draw_shape(draw_mask, shape, cx, cy, r, 255)
 
     def jittered(rgb):  # the same colour name covers a small range of RGB values
         return tuple(int(v) for v in np.clip(np.array(rgb) + rng.integers(-20, 21, 3), 0, 255))
@@ -147,9 +152,9 @@ def _render(index, seed, split_id, image_size):
         other = (label + int(rng.integers(1, len(SHAPES_CLASSNAMES)))) % len(SHAPES_CLASSNAMES)
         oc, os_ = SHAPES_CLASSNAMES[other].split(' ')
         rr = rng.uniform(0.12, 0.18) * S / 2
-        _draw_shape(draw, os_, *place(int(other_cell), rr), rr, jittered(COLOURS[oc]))
-    _draw_shape(draw, shape, *place(cell, r), r, jittered(COLOURS[colour]))
-    img = img.reduce(SUPERSAMPLE)
+        draw_shape(os_, *place(int(other_cell), rr), rr, jittered(COLOURS[oc]))
+    draw_shape(shape, *place(cell, r), r, jittered(COLOURS[colour]))
+    img, mask = img.reduce(SUPERSAMPLE), mask.reduce(SUPERSAMPLE)  # mask: share of each pixel on a shape
 
     # Size and position are each named in half of the captions only. Named always, colour + size +
     # position would single out almost every caption in a batch of 128 (6 x 3 x 9 = 162 combinations),
@@ -164,7 +169,7 @@ def _render(index, seed, split_id, image_size):
         caption += ', next to smaller shapes'
     buf = io.BytesIO()
     img.save(buf, format='JPEG', quality=90)
-    return buf.getvalue(), caption + '.', label
+    return buf.getvalue(), caption + '.', label, np.asarray(mask)
 
 
 def _tar_add(tar, name, blob):
@@ -181,12 +186,12 @@ def _write_shapes(out, pool, n_train, n_val, image_size, seed, shard_size):
             (out / split / _class_dir(label)).mkdir(parents=True)
     (out / 'shards').mkdir()
 
-    def rendered(split_id, n):  # (index, (jpg, caption, label)), rendered in parallel, in index order
+    def rendered(split_id, n):  # (index, (jpg, caption, label, mask)), rendered in parallel, in index order
         render = partial(_render, seed=seed, split_id=split_id, image_size=image_size)
         return enumerate(pool.imap(render, range(n), chunksize=64))
 
     tar = None
-    for i, (jpg, caption, label) in rendered(0, n_train):
+    for i, (jpg, caption, label, _) in rendered(0, n_train):
         if i % shard_size == 0:
             if tar:
                 tar.close()
@@ -202,8 +207,11 @@ def _write_shapes(out, pool, n_train, n_val, image_size, seed, shard_size):
         (out / 'train' / _class_dir(label) / f'{key}.jpg').write_bytes(jpg)
     if tar:
         tar.close()
-    for i, (jpg, caption, label) in rendered(1, n_val):
+    masks = np.zeros((n_val, image_size, image_size), np.uint8)
+    for i, (jpg, caption, label, mask) in rendered(1, n_val):
         (out / 'val' / _class_dir(label) / f'{i:09d}.jpg').write_bytes(jpg)
+        masks[i] = mask
+    np.save(out / 'val_masks.npy', masks)
 
 
 def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed=0,
@@ -213,6 +221,8 @@ def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed
         root/shards/train-000000.tar ...  webdataset shards (img2dataset layout + .cls)
         root/train/00_red_circle/000000000.jpg ...  ImageFolder, same images as the shards
         root/val/00_red_circle/000000000.jpg ...    held-out split (different seed stream)
+        root/val_masks.npy                           (n_val, size, size) uint8: share of each val
+                                                     pixel covered by a shape (0-255)
         root/meta.json                               parameters, written last
     Returns a summary dict (paths, counts, classnames, bytes, seconds, generated)."""
     root = Path(root)
@@ -253,6 +263,28 @@ def shapes_paths(root=SHAPES_ROOT):
     n = json.loads((root / 'meta.json').read_text())['n_shards']
     return dict(root=str(root), shards=str(root / f'shards/train-{{000000..{n - 1:06d}}}.tar'),
                 train=str(root / 'train'), val=str(root / 'val'), n_shards=n)
+
+
+def shapes_object_patches(paths, transform, patch_size):
+    """(n, N) bool, row-major: which patches of the shapes val images `paths` (root/val/<class>/<index>.jpg,
+    as written here) lie on a shape, the labelled one or a distractor, as the model sees them. Each
+    mask goes through the same `transform` as its image (resize, crop); a patch is object when at
+    least a third of its pixels are. None when `paths` are not the val images of a shapes dataset."""
+    paths = [Path(p).resolve() for p in paths]
+    root = paths[0].parent.parent.parent if paths else Path()
+    mask_file = root / 'val_masks.npy'
+    if not mask_file.exists() or any(p.parent.parent != root / 'val' or not p.stem.isdigit() for p in paths):
+        return None
+    stems = [p.stem for p in paths]
+    masks = np.load(mask_file)
+    mean, std = open_clip.OPENAI_DATASET_MEAN[0], open_clip.OPENAI_DATASET_STD[0]
+    out = []
+    for stem in stems:
+        # the transform normalises with CLIP's mean and std: undo it to read the share back
+        share = transform(Image.fromarray(masks[int(stem)]).convert('RGB'))[0] * std + mean
+        share = torch.nn.functional.avg_pool2d(share[None, None], patch_size)
+        out.append(share.flatten() >= 1 / 3)
+    return torch.stack(out)
 
 
 # -----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import open_clip
@@ -40,7 +41,9 @@ from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, 
                                    linear_flop_jit, matmul_flop_jit)
 from PIL import Image
 
+import data
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
+from train_utils import boundary_confidence, segment_quality
 
 # -----------------------------------------------------------------------------------------------
 # Counting with fvcore
@@ -243,6 +246,9 @@ def checkpoint_rows(args, device):
     if not paths:
         raise SystemExit(f"no images under {args.data}")
     transform = open_clip.image_transform(cfg.image_size, is_train=False)
+    # On the shapes val images the objects are known: also measure how well segments follow them.
+    objects = data.shapes_object_patches(paths, transform, cfg.patch_size)
+    quality = defaultdict(float)
     segments, padded = [], []  # per image: its segment count, and its batch's maximum
     for i in range(0, len(paths), args.batch_size):
         images = []
@@ -253,6 +259,12 @@ def checkpoint_rows(args, device):
         counts = aux['n_segments'].tolist()
         segments += counts
         padded += [max(counts)] * len(counts)
+        if objects is not None:
+            sums = segment_quality(aux['segment_ids'], objects[i:i + len(counts)].to(device))
+            if 'boundary_logits' in aux:
+                sums.update(boundary_confidence(aux['boundary_logits'], aux['boundaries']))
+            for k, v in sums.items():
+                quality[k] += v
     plain = dataclasses.replace(cfg, boundary='none')
     params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith('predictor.'))
     common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(paths),
@@ -266,6 +278,12 @@ def checkpoint_rows(args, device):
                          tokens=1 + statistics.fmean(counts), gmacs=g, params=n_params(tower)))
     for row in rows:
         row.update(gflops=2 * row['gmacs'], rel_cost=row['gmacs'] / rows[0]['gmacs'])
+    if quality:
+        rows[1].update(segment_purity=quality['pure'] / quality['segments'],
+                       object_tokens=quality['object_tokens'] / max(1, quality['images_with_object']))
+        if 'prob_std' in quality:
+            rows[1].update(boundary_prob_std=quality['prob_std'] / len(paths),
+                           boundary_margin=quality['margin'] / max(1, quality['images_with_margin']))
     return rows, cfg, segments
 
 
@@ -435,7 +453,7 @@ def main(argv=None):
         rows, cfg, segments = checkpoint_rows(args, device)
         say(f"{args.checkpoint}: {rows[0]['arch']} (width {cfg.width}, {cfg.pre_layers}+{cfg.short_layers} layers, "
             f"patch {cfg.patch_size}, {cfg.image_size}px, {cfg.n_patches} patches), boundary {cfg.boundary}, "
-            f"compression {cfg.compression:g}, eval boundaries {cfg.eval_boundaries}")
+            f"compression {cfg.compression:g}, scan {cfg.scan}, eval boundaries {cfg.eval_boundaries}")
         say(f"{len(segments)} images under {args.data}, batch {args.batch_size}; segments per image: min "
             f"{min(segments)}, mean {statistics.fmean(segments):.2f}, max {max(segments)}")
         say("GMACs from the closed form (fvcore's convention: 1 multiply-add = 1 FLOP; GFLOPs = 2 x GMACs): "
@@ -445,6 +463,14 @@ def main(argv=None):
             print_table([('arch', lambda r: r['arch']), ('pooling', lambda r: r['pooling']),
                          ('measure', lambda r: r['measure']), ('compression', lambda r: f"{r['ratio']:.2f}"),
                          *FLOP_COLUMNS[3:8]], rows)
+        if 'segment_purity' in rows[1]:
+            q = rows[1]
+            say(f"\nsegment quality on the shapes val objects: segment_purity {q['segment_purity']:.3f} (share of "
+                f"segments all object or all background), object_tokens {q['object_tokens']:.3f} (segments "
+                f"touching the object per object patch)")
+            if 'boundary_prob_std' in q:
+                say(f"predictor: boundary_prob_std {q['boundary_prob_std']:.3f} (std of p over an image's "
+                    f"patches), boundary_margin {q['boundary_margin']:.3f} (mean p of chosen boundaries - rest)")
     else:
         ratios = args.ratio or [1, 2, 4, 10]
         rows, base, uncounted = flop_rows(args.model, ratios, args.image_size, args.pre_layers)
@@ -454,7 +480,8 @@ def main(argv=None):
         say("fvcore FlopCountAnalysis with attention handles. GMACs = fvcore's count (1 multiply-add = 1 FLOP); "
             "GFLOPs = 2 x GMACs, as OpenCLIP and most papers quote")
         say(f"DTP at ratio r: the gumbel model, predictor included, on evenly spaced boundaries giving "
-            f"ceil({N}/r) segments; tokens = tokens in the shortened layers, [CLS] included")
+            f"ceil({N}/r) segments; tokens = tokens in the shortened layers, [CLS] included; the scan order "
+            f"(raster or hilbert) only permutes the patches and leaves every count unchanged")
         say()
         if not args.json:
             print_table(FLOP_COLUMNS, rows)

@@ -47,13 +47,18 @@ class DTPConfig:
     boundary: str = 'gumbel'       # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
     compression: float = 4.0       # target patches per segment; the boundary prior is 1 / compression
     temperature: float = 0.5       # Gumbel-Sigmoid temperature (it only scales the gradient, see below)
+    train_boundaries: str = 'bernoulli'  # training samples: 'bernoulli' (the paper: each patch on its own)
+                                   # or 'topk' (Gumbel-top-k: exactly the count evaluation takes)
+    position_prior: float = 0.0    # > 0: a learned per-position logit bias, initialised to +-this at the
+                                   # evenly spaced boundaries, so the predictor starts as fixed pooling
     eval_boundaries: str = 'topk'  # eval: 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
+    scan: str = 'raster'           # order of the patches that segments are runs of: 'raster' or 'hilbert'
     predictor_hidden: Optional[int] = None  # hidden size of the boundary predictor (None: width)
     pool: str = 'cls'              # image embedding: the 'cls' token or the 'mean' of the segments
 
     def __post_init__(self):
         choices = dict(boundary=('gumbel', 'fixed', 'none'), eval_boundaries=('topk', 'threshold'),
-                       pool=('cls', 'mean'))
+                       pool=('cls', 'mean'), scan=('raster', 'hilbert'), train_boundaries=('bernoulli', 'topk'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -69,6 +74,59 @@ class DTPConfig:
     @property
     def n_patches(self):
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def n_segments(self):
+        """Segments per image that top-k boundaries keep: round(N / compression)."""
+        return min(self.n_patches, max(1, round(self.n_patches / self.compression)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scan order. A segment is a run of consecutive patches, so the order in which the patches are
+# read decides which shapes a segment can take. In raster order (row by row) every segment is a
+# horizontal strip that wraps from the end of one row to the start of the next: a compact object
+# can never be one segment. Along a Hilbert curve every run of consecutive patches is a connected
+# 2D region, and runs of 4 are mostly 2x2 blocks.
+
+def gilbert_order(h, w):
+    """Row-major indices of the cells of an h x w grid, in the order of a generalised Hilbert curve
+    (Cerveny's "gilbert" construction, which works on any rectangle). Consecutive cells are grid
+    neighbours, except for one diagonal step when the long side is odd and the short side even: a
+    path from a corner to the adjacent corner of such a grid cannot exist (parity)."""
+    def sign(v):
+        return (v > 0) - (v < 0)
+
+    def walk(x, y, ax, ay, bx, by):
+        # Cover the rectangle spanned from (x, y) by a major axis (ax, ay) and a minor axis
+        # (bx, by), entering at (x, y) and leaving at the far end of the major axis.
+        w, h = abs(ax + ay), abs(bx + by)
+        dax, day, dbx, dby = sign(ax), sign(ay), sign(bx), sign(by)
+        if h == 1 or w == 1:  # a single row or column: straight along it
+            dx, dy, n = (dax, day, w) if h == 1 else (dbx, dby, h)
+            for i in range(n):
+                yield x + i * dx, y + i * dy
+            return
+        ax2, ay2, bx2, by2 = ax // 2, ay // 2, bx // 2, by // 2
+        if 2 * w > 3 * h:  # long and thin: cut across the major axis, walk the two halves
+            if abs(ax2 + ay2) % 2 and w > 2:  # an even first half keeps the exit at the far end
+                ax2, ay2 = ax2 + dax, ay2 + day
+            yield from walk(x, y, ax2, ay2, bx, by)
+            yield from walk(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by)
+        else:  # up the first half of the minor axis, along the far side, back down
+            if abs(bx2 + by2) % 2 and h > 2:
+                bx2, by2 = bx2 + dbx, by2 + dby
+            yield from walk(x, y, bx2, by2, ax2, ay2)
+            yield from walk(x + bx2, y + by2, ax, ay, bx - bx2, by - by2)
+            yield from walk(x + (ax - dax) + (bx2 - dbx), y + (ay - day) + (by2 - dby),
+                            -bx2, -by2, -(ax - ax2), -(ay - ay2))
+
+    path = walk(0, 0, w, 0, 0, h) if w >= h else walk(0, 0, 0, h, w, 0)
+    return [y * w + x for x, y in path]
+
+
+def scan_order(scan, h, w):
+    """(N,) long tensor: scan_order[i] is the row-major index of the i-th patch in scan order."""
+    return torch.tensor(gilbert_order(h, w) if scan == 'hilbert' else range(h * w), dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,6 +194,24 @@ def gumbel_sigmoid(logits, temperature, eps=1e-6):
     return hard + (soft - soft.detach())
 
 
+def gumbel_topk(logits, k, temperature, eps=1e-6):
+    """Exactly k boundaries per image (the last patch one of them), sampled without replacement in
+    proportion to softmax(logits) by perturbing the logits with Gumbel noise and keeping the k
+    largest, as top-k evaluation keeps k: training sees the segment counts evaluation runs.
+    Straight-through gradient of a sigmoid around the threshold between the k-th and (k+1)-th."""
+    N = logits.shape[1]
+    if k >= N:
+        return torch.ones_like(logits)
+    u = torch.rand_like(logits).clamp(eps, 1 - eps)
+    perturbed = logits - torch.log(-torch.log(u))
+    forced = torch.cat([perturbed[:, :-1], torch.full_like(perturbed[:, -1:], float('inf'))], dim=1)
+    top = forced.topk(k + 1, dim=1)
+    hard = torch.zeros_like(logits).scatter_(1, top.indices[:, :k], 1.0)
+    threshold = (top.values[:, k - 1:k] + top.values[:, k:]).detach() / 2  # finite: k < N
+    soft = torch.sigmoid((perturbed - threshold) / temperature)
+    return hard + (soft - soft.detach())
+
+
 def topk_boundaries(logits, k):
     """Exactly k boundaries per image at the most probable positions (the last patch is one of them)."""
     logits = torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float('inf'))], dim=1)
@@ -161,6 +237,11 @@ def boundary_prior_loss(b, prior):
     return (-log_pmf / n).mean()
 
 
+def segment_ids(b):
+    """Segment index of every patch: the number of boundaries strictly before it."""
+    return b.cumsum(dim=1) - b
+
+
 def pool_segments(x, b):
     """Mean-pool each segment of x (B, N, D) cut by the boundaries b (B, N).
 
@@ -171,7 +252,7 @@ def pool_segments(x, b):
     lo, hi = (int(v) for v in torch.stack([n_segments.min(), n_segments.max()]).tolist())  # one host sync
     # Segment id of each patch: the number of boundaries strictly before it. It is a whole number in
     # value but carries b's gradient.
-    seg = b.cumsum(dim=1) - b
+    seg = segment_ids(b)
     dist = torch.arange(hi, device=x.device, dtype=b.dtype) - seg.unsqueeze(-1)  # (B, N, S)
     # The DTP paper's trick: weight 1 - dist where dist == 0 (patch t lies in segment s), else 0.
     # In value that is the 0/1 membership; in gradient d weight / d seg = 1, so the task loss reaches
@@ -209,8 +290,18 @@ class DTPViT(nn.Module):
             N = cfg.n_patches
             p = min(max((N / cfg.compression - 1) / max(N - 1, 1), 1e-6), 1 - 1e-6)
             nn.init.constant_(self.predictor[-1].bias, math.log(p / (1 - p)))
+            if cfg.position_prior > 0:
+                # Where boundaries sit when the content says nothing: at first, fixed pooling's
+                # evenly spaced ones. Kept under predictor.* (the predictor's new weights), added to
+                # its logits in predict_boundaries.
+                fixed = fixed_boundaries(1, N, cfg.n_segments)[0]
+                self.predictor.register_parameter('position_bias', nn.Parameter(cfg.position_prior * (2 * fixed - 1)))
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+        # Patches are segmented in this order (computed once; not part of the state dict).
+        order = scan_order(cfg.scan, *self.grid_size)
+        self.register_buffer('scan_order', order, persistent=False)
+        self.register_buffer('raster_order', order.argsort(), persistent=False)  # its inverse
 
     def predict_boundaries(self, patches):
         """(B, N) 0/1 boundaries for the patch tokens after the pre-layers, by the configured rule,
@@ -222,11 +313,15 @@ class DTPViT(nn.Module):
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
             logits = self.predictor(patches.float()).squeeze(-1)
+            if cfg.position_prior > 0:
+                logits = logits + self.predictor.position_bias
         if self.training:
+            if cfg.train_boundaries == 'topk':
+                return gumbel_topk(logits, cfg.n_segments, cfg.temperature), logits
             return gumbel_sigmoid(logits, cfg.temperature), logits
         # Eval is deterministic: no noise, so an image always gets the same segments.
         if cfg.eval_boundaries == 'topk':
-            return topk_boundaries(logits, min(N, max(1, round(cfg.n_patches / cfg.compression)))), logits
+            return topk_boundaries(logits, cfg.n_segments), logits
         return (logits > 0).float(), logits
 
     def forward(self, images, boundaries=None):
@@ -236,7 +331,9 @@ class DTPViT(nn.Module):
         compression ratio (flops.py) or to give every patch its own segment (tests). The predictor
         still runs (and its logits are returned), so its cost stays in the graph.
         aux: boundary_loss (scalar), n_segments (B,), compression (patches per segment over the
-        whole batch), boundaries (B, N), and boundary_logits (B, N) when there is a predictor.
+        whole batch), segment_ids (B, N): the segment of every patch in row-major grid order;
+        boundaries (B, N) and, when there is a predictor, boundary_logits (B, N), both in scan order
+        (patch i of the scan is patch scan_order[i] of the grid).
         """
         cfg = self.cfg
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
@@ -251,12 +348,15 @@ class DTPViT(nn.Module):
         if cfg.boundary == 'none':
             b = x.new_ones(B, N, dtype=torch.float32)
         else:
-            b, logits = self.predict_boundaries(x[:, 1:])
+            patches = x[:, 1:]
+            if cfg.scan != 'raster':  # segments are runs of consecutive patches in scan order
+                patches = patches.index_select(1, self.scan_order)
+            b, logits = self.predict_boundaries(patches)
             if boundaries is not None:
                 b = boundaries.to(device=x.device, dtype=torch.float32)
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
-            segments, valid = pool_segments(x[:, 1:], b)
+            segments, valid = pool_segments(patches, b)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
             if valid is not None:
                 # Padded segments are never attended to. They are not computed either: the blocks
@@ -284,7 +384,12 @@ class DTPViT(nn.Module):
 
         n_segments = b.detach().sum(dim=1).long()
         prior_loss = boundary_prior_loss(b, 1 / cfg.compression) if cfg.boundary == 'gumbel' else b.new_zeros(())
-        aux = dict(boundary_loss=prior_loss, n_segments=n_segments, boundaries=b.detach(),
+        # Segment of every patch in row-major grid order, whatever the scan order: what users,
+        # pictures and segment-quality metrics read.
+        seg = segment_ids(b.detach()).long()
+        if cfg.scan != 'raster' and cfg.boundary != 'none':
+            seg = seg.index_select(1, self.raster_order)
+        aux = dict(boundary_loss=prior_loss, n_segments=n_segments, boundaries=b.detach(), segment_ids=seg,
                    compression=N / n_segments.float().mean())
         if logits is not None:
             aux['boundary_logits'] = logits

@@ -57,7 +57,7 @@ def test_generation_deterministic_and_idempotent(tmp_path):
     b = data.make_shapes(tmp_path / 'b', workers=2, **small)  # parallelism must not matter
     tree_a, tree_b = read_tree(tmp_path / 'a'), read_tree(tmp_path / 'b')
     assert a['generated'] and b['generated']
-    assert len(tree_a) == 3 + 40 + 30 + 1  # 3 shards, train + val jpgs, meta.json
+    assert len(tree_a) == 3 + 40 + 30 + 2  # 3 shards, train + val jpgs, val_masks.npy, meta.json
     assert tree_a == tree_b
     assert not (tmp_path / 'a.tmp').exists()
     train_jpgs = {v for k, v in tree_a.items() if k.startswith('train/')}
@@ -302,3 +302,36 @@ def test_memory_loader_serves_each_decoded_sample_once_per_epoch(shapes, tokeniz
     assert loader.skipped() == 2 and loader.num_samples == 8  # 11 good samples, 2 full batches of 4
     with pytest.raises(ValueError, match='fewer than one batch'):
         data.memory_loader(str(tmp_path / 'x0.tar'), val_tf, tokenizer, batch_size=64, rank=0, world_size=1)
+
+
+def test_object_masks_mark_the_coloured_shapes_as_the_model_sees_them(shapes):
+    """The val masks come from the generator itself; read through the val transform, the patches
+    they mark as object are exactly where the image is strongly coloured (the backgrounds are grey)."""
+    image_size, patch = 24, 4  # resized from the data's 32 px, as the model would see them
+    transform = data.image_transforms(image_size)[1]
+    paths = [p for p, _ in ImageFolder(shapes['val']).samples]
+    objects = data.shapes_object_patches(paths, transform, patch)
+    assert objects.shape == (60, (image_size // patch) ** 2) and objects.dtype == torch.bool
+    mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
+    saturation = []
+    for path in paths:
+        with Image.open(path) as im:
+            rgb = transform(im) * std[:, None, None] + mean[:, None, None]
+        sat = rgb.max(0).values - rgb.min(0).values  # 0 on grey
+        saturation.append(torch.nn.functional.avg_pool2d(sat[None, None], patch).flatten())
+    saturation = torch.stack(saturation)
+    assert objects.any(1).all() and (~objects).any(1).all()  # every image has both
+    assert saturation[objects].mean() > 3 * saturation[~objects].mean()
+    assert (saturation[~objects] < 0.25).float().mean() > 0.95  # background patches are grey
+    # the mask follows the file name: another image's mask marks other patches
+    assert not torch.equal(objects, data.shapes_object_patches(paths[1:] + paths[:1], transform, patch))
+
+
+def test_object_masks_are_only_given_for_shapes_val_images(shapes, tmp_path):
+    transform = data.image_transforms(32)[1]
+    train = [p for p, _ in ImageFolder(shapes['train']).samples][:4]
+    assert data.shapes_object_patches(train, transform, 4) is None
+    other = tmp_path / 'val' / 'cat'
+    other.mkdir(parents=True)
+    Image.new('RGB', (32, 32)).save(other / 'photo.jpg')
+    assert data.shapes_object_patches([str(other / 'photo.jpg')], transform, 4) is None

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import flops
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
 
@@ -200,3 +201,23 @@ def test_bench_smoke():
         assert row['throughput'] > 0 and row['train_step_s'] > 0 and row['ideal'] > 0
         assert row['peak_mem_gb'] > weights
     assert rows[1]['bench_tokens'] == 1 + 2 and rows[1]['ideal'] > 1
+
+
+def test_scan_order_leaves_the_flops_unchanged():
+    """Hilbert order permutes the patches before segmentation: same segments per image, same count."""
+    base = dataclasses.replace(flops.base_config('ViT-B-32'), boundary='gumbel', compression=4.0)
+    images, b = torch.zeros(1, 3, 224, 224), fixed_boundaries(1, 49, 13)
+    counts = [flops.fvcore_count(DTPViT(dataclasses.replace(base, scan=scan)), images, b).total()
+              for scan in ('raster', 'hilbert')]
+    assert counts[0] == counts[1] == pytest.approx(1e9 * flops.gmacs(base, 13), rel=0.005)
+
+
+def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
+    root = data.make_shapes(tmp_path / 'shapes', n_train=8, n_val=12, image_size=32, shard_size=8, workers=1)['root']
+    clip = load_openclip(model_name='ViT-B-32', text=dict(width=32, heads=2, layers=1), **TINY)
+    torch.save(dict(model=clip.state_dict(), model_args=dict(model_name='ViT-B-32', pretrained=None,
+                                                           text=dict(width=32, heads=2, layers=1), **TINY)),
+               tmp_path / 'ckpt.pt')
+    _, dtp, _ = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', f'{root}/val', '--json'])
+    assert 0 <= dtp['segment_purity'] <= 1 and 0 < dtp['object_tokens'] <= 1
+    assert dtp['boundary_prob_std'] >= 0 and 'boundary_margin' in dtp

@@ -302,3 +302,153 @@ def test_config_errors_are_clear():
         DTPConfig(boundary='dynamic')
     with pytest.raises(ValueError, match='compression'):
         DTPConfig(compression=0.5)
+
+
+# 7. scan order ---------------------------------------------------------------------------------
+
+def grid_steps(order, w):
+    """City-block length of every step between consecutive cells of a row-major order."""
+    return [abs(a // w - b // w) + abs(a % w - b % w) for a, b in zip(order, order[1:])]
+
+
+@pytest.mark.parametrize('h, w', [(6, 6), (7, 7), (14, 14), (16, 16), (5, 7), (7, 5), (6, 10), (3, 8), (1, 5)])
+def test_hilbert_order_is_a_path_through_neighbouring_patches(h, w):
+    order = M.gilbert_order(h, w)
+    assert sorted(order) == list(range(h * w))
+    assert all(step == 1 for step in grid_steps(order, w))
+
+
+@pytest.mark.parametrize('h, w', [(4, 5), (6, 7), (9, 4)])
+def test_hilbert_order_takes_one_diagonal_step_where_parity_forces_it(h, w):
+    # an odd long side and an even short side: one step is diagonal, never longer
+    order = M.gilbert_order(h, w)
+    steps = grid_steps(order, w)
+    assert sorted(order) == list(range(h * w)) and steps.count(2) == 1 and set(steps) == {1, 2}
+    diagonal = steps.index(2)
+    a, b = order[diagonal], order[diagonal + 1]
+    assert abs(a // w - b // w) == 1 and abs(a % w - b % w) == 1
+
+
+def connected(cells, w):
+    cells, todo = set(cells), [next(iter(cells))]
+    seen = set(todo)
+    while todo:
+        c = todo.pop()
+        for n in (c - w, c + w, c - 1 if c % w else None, c + 1 if (c + 1) % w else None):
+            if n in cells and n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen == cells
+
+
+@pytest.mark.parametrize('grid', [6, 7, 14, 16])
+def test_fixed_segments_in_hilbert_order_are_connected_regions(grid):
+    vit = DTPViT(DTPConfig(image_size=grid * 4, patch_size=4, width=32, heads=2, pre_layers=0, short_layers=1,
+                           embed_dim=8, boundary='fixed', compression=4, scan='hilbert')).eval()
+    with torch.no_grad():
+        seg = vit(torch.randn(1, 3, grid * 4, grid * 4))[1]['segment_ids'][0]
+    for s in seg.unique().tolist():
+        assert connected((seg == s).nonzero().flatten().tolist(), grid), s
+    if grid % 2:
+        return  # segments of 3 and 4 patches: no 2x2 block structure to expect
+    # most runs of 4 are 2x2 blocks (raster order has none on these grids)
+    blocks = sum(1 for s in seg.unique().tolist()
+                 if len(cells := (seg == s).nonzero().flatten().tolist()) == 4
+                 and max(c // grid for c in cells) - min(c // grid for c in cells) == 1
+                 and max(c % grid for c in cells) - min(c % grid for c in cells) == 1)
+    assert blocks >= 0.5 * seg.unique().numel()
+
+
+@pytest.mark.parametrize('scan', ['raster', 'hilbert'])
+@pytest.mark.parametrize('boundary', ['gumbel', 'fixed'])
+def test_segment_ids_agree_with_the_pooling(scan, boundary, monkeypatch):
+    """Every patch is pooled exactly once, into the segment aux['segment_ids'] (row-major) names,
+    and each pooled token is the mean of that segment's patches."""
+    captured, pool_segments = {}, M.pool_segments
+
+    def spy(x, b):
+        captured['x'], (captured['pooled'], valid) = x, pool_segments(x, b)
+        return captured['pooled'], valid
+    monkeypatch.setattr(M, 'pool_segments', spy)
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(boundary=boundary, scan=scan, compression=4)).train()
+    _, aux = vit(torch.randn(4, 3, 32, 32))
+    seg, b = aux['segment_ids'], aux['boundaries']
+    raster_patches = captured['x'][:, vit.raster_order] if scan == 'hilbert' else captured['x']
+    for i in range(4):
+        assert sorted(seg[i].unique().tolist()) == list(range(int(aux['n_segments'][i])))
+        # in scan order, segment ids are the runs cut by the boundaries
+        assert torch.equal(seg[i][vit.scan_order], (b[i].cumsum(0) - b[i]).long())
+        for s in range(int(aux['n_segments'][i])):
+            expected = raster_patches[i][seg[i] == s].mean(0)
+            assert torch.allclose(captured['pooled'][i, s], expected, atol=1e-5)
+
+
+def test_hilbert_scan_leaves_the_plain_vit_unchanged(openclip_b32):
+    d, images, texts, (ref_image, _) = openclip_b32
+    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='none', scan='hilbert').eval()
+    with torch.no_grad():
+        image, aux = model.visual(images)
+    assert (image - ref_image).abs().max() <= 1e-5
+    assert torch.equal(aux['segment_ids'], torch.arange(49).expand(3, 49))
+
+
+def test_hilbert_scan_keeps_batch_invariance_determinism_and_the_task_gradient():
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(scan='hilbert', eval_boundaries='threshold'))
+    with torch.no_grad():
+        vit.predictor[-1].bias.zero_()  # thresholds near 0.5: segment counts differ between images
+    images = torch.randn(5, 3, 32, 32)
+    vit.eval()
+    with torch.no_grad():
+        batch, aux = vit(images)
+        again, aux2 = vit(images)
+        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
+    assert len(set(aux['n_segments'].tolist())) > 1
+    assert torch.equal(batch, again) and torch.equal(aux['segment_ids'], aux2['segment_ids'])
+    assert (batch - alone).abs().max() <= 1e-5
+    vit.train()
+    vit(images)[0].square().sum().backward()
+    for name, p in vit.predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# 8. training as evaluation: Gumbel-top-k samples, a position prior ----------------------------
+
+def test_gumbel_topk_samples_exactly_k_boundaries_with_a_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 36, requires_grad=True)
+    b = M.gumbel_topk(logits, 9, temperature=0.5)
+    assert (b.sum(1) == 9).all() and (b[:, -1] == 1).all() and torch.equal(b, b.round())
+    (b * torch.randn(36)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+    # sampled, not the deterministic top-k: different draws, favouring the larger logits
+    logits = torch.linspace(-3, 3, 36).expand(4000, 36)
+    draws = M.gumbel_topk(logits, 9, 0.5)
+    assert len({tuple(d.tolist()) for d in draws[:20]}) > 1
+    freq = draws[:, :-1].mean(0)
+    assert freq[-10:].mean() > 3 * freq[:10].mean()
+
+
+def test_topk_training_keeps_evaluations_count_and_the_task_gradient():
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(train_boundaries='topk', compression=4)).train()
+    features, aux = vit(torch.randn(4, 3, 32, 32))
+    assert aux['n_segments'].tolist() == [16] * 4  # round(64 / 4), as top-k evaluation
+    features.square().sum().backward()
+    for name, p in vit.predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_position_prior_starts_as_fixed_pooling_and_learns():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    fixed = DTPViT(tiny(boundary='fixed', compression=4)).eval()
+    vit = DTPViT(tiny(train_boundaries='topk', position_prior=2.0, compression=4)).eval()
+    with torch.no_grad():
+        assert torch.equal(vit(images)[1]['segment_ids'], fixed(images)[1]['segment_ids'])
+    vit.train()
+    features, aux = vit(images)
+    features.square().sum().backward()
+    assert vit.predictor.position_bias.grad.abs().sum() > 0
+    assert 'predictor.position_bias' in dict(vit.named_parameters())  # new weights, like the predictor's

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from train_utils import configure, cosine_lr, param_groups, save_checkpoint
+from train_utils import (boundary_confidence, configure, cosine_lr, param_groups, save_checkpoint,
+                         segment_quality)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
                 imagenet_val=None, betas=(0.9, 0.98))
@@ -73,3 +74,28 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
         save_checkpoint({'step': 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {'step': 1}  # the previous checkpoint is intact
+
+
+def test_segment_purity_and_object_tokens_on_hand_made_segmentations():
+    # Two images of 2x3 patches; the object covers patches 0, 1, 3 (an L shape) in both.
+    objects = torch.tensor([[1, 1, 0, 1, 0, 0]] * 2, dtype=torch.bool)
+    segments = torch.tensor([[0, 0, 1, 2, 3, 3],    # {0,1} object, {2} background, {3} object, {4,5} background
+                             [0, 0, 0, 1, 1, 1]])   # {0,1,2} mixed, {3,4,5} mixed
+    q = segment_quality(segments, objects)
+    assert q['segments'] == 6 and q['pure'] == 4            # purity 4/6
+    assert q['images_with_object'] == 2
+    assert q['object_tokens'] == pytest.approx(2 / 3 + 2 / 3)  # 2 segments touch 3 object patches, each image
+    # an image without object counts for purity only
+    q = segment_quality(torch.tensor([[0, 0, 1, 1, 1, 2]]), torch.zeros(1, 6, dtype=torch.bool))
+    assert (q['pure'], q['segments'], q['images_with_object'], q['object_tokens']) == (3, 3, 0, 0)
+
+
+def test_boundary_confidence_on_hand_made_probabilities():
+    p = torch.tensor([[0.9, 0.1, 0.9, 0.1, 0.5],
+                      [0.3, 0.3, 0.3, 0.3, 0.3]])
+    b = torch.tensor([[1., 0., 1., 0., 1.],
+                      [0., 1., 0., 0., 1.]])
+    c = boundary_confidence(torch.logit(p), b)
+    assert c['prob_std'] == pytest.approx(0.4 + 0.0, abs=1e-6)  # the last patch is left out
+    assert c['images_with_margin'] == 2
+    assert c['margin'] == pytest.approx((0.9 - 0.1) + 0.0, abs=1e-6)

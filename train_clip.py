@@ -50,8 +50,11 @@ short_layers = 4            # blocks after pooling (None: the architecture's dep
 boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
+train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
+position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
+scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
 # optimisation
 batch_size = 128            # per GPU
 epochs = 16
@@ -101,7 +104,8 @@ elif not eval_only:
 
 # model -----------------------------------------------------------------------------------------
 dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
-           eval_boundaries=eval_boundaries, pool=pool)
+           eval_boundaries=eval_boundaries, pool=pool, scan=scan,
+           train_boundaries=train_boundaries, position_prior=position_prior)
 if short_layers is not None:
     dtp['short_layers'] = short_layers
 torch.manual_seed(seed)  # the same initial weights on every rank
@@ -131,6 +135,9 @@ else:
     val_root = None
 val_loader = (data.folder_loader(val_root, val_split, val_transform, batch_size, workers=workers)
               if val_root and master else None)
+# On shapes the objects' exact masks are known, so evaluation also measures how well segments follow them.
+object_patches = (data.shapes_object_patches([p for p, _ in val_loader.dataset.samples], val_transform,
+                                             clip.visual.cfg.patch_size) if use_shapes and val_loader else None)
 
 
 def zero_shot(step):
@@ -143,15 +150,15 @@ def zero_shot(step):
     def logits_fn(images):
         features, aux = model.visual(images)
         return torch.nn.functional.normalize(features, dim=-1) @ classifier.to(features.dtype), aux
-    result = evaluate(logits_fn, val_loader, device, precision)
+    result = evaluate(logits_fn, val_loader, device, precision, object_patches)
     images = next(iter(val_loader))[0][:16].to(device)
     with torch.no_grad(), autocast(device, precision):
-        boundaries = model.visual(images)[1]['boundaries']
-    save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, boundaries, model.visual.grid_size,
+        segment_ids = model.visual(images)[1]['segment_ids']
+    save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, segment_ids, model.visual.grid_size,
                       open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     model.train()
-    return dict(step=step, zeroshot_top1=result['top1'], zeroshot_top5=result['top5'],
-                eval_compression=result['compression'])
+    return dict(step=step, zeroshot_top1=result.pop('top1'), zeroshot_top5=result.pop('top5'),
+                eval_compression=result.pop('compression'), **result)
 
 
 if eval_only:

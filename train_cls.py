@@ -54,8 +54,11 @@ short_layers = 4            # blocks after pooling (None: the architecture's dep
 boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
+train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
+position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
+scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
 head_init = 'auto'          # 'zeroshot', 'random', or 'auto': zeroshot when init_from is a checkpoint, else random
 freeze_backbone = False     # True: train only what is new (the head and the boundary predictor)
 backbone_lr_scale = 0.1     # finetuning: lr multiplier of pretrained weights (a backbone from scratch trains at lr)
@@ -132,7 +135,8 @@ if init_from == 'resume':
     model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
 else:
     dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
-               eval_boundaries=eval_boundaries, pool=pool)
+               eval_boundaries=eval_boundaries, pool=pool, scan=scan,
+               train_boundaries=train_boundaries, position_prior=position_prior)
     if short_layers is not None:
         dtp['short_layers'] = short_layers
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
@@ -186,21 +190,25 @@ for new, lr_scale in [(True, 1.0), (False, backbone_lr_scale if pretrained else 
     groups += [dict(g, lr_scale=lr_scale) for g in param_groups(named, weight_decay) if g['params']]
 
 val_loader = data.folder_loader(data_root, 'val', val_transform, batch_size, workers=workers) if master else None
+# On shapes the objects' exact masks are known, so validation also measures how well segments follow them.
+object_patches = (data.shapes_object_patches([p for p, _ in val_loader.dataset.samples], val_transform,
+                                             net.visual.cfg.patch_size) if data_dir == 'shapes' and master else None)
 
 
 def validate():
     """Top-1/top-5 (percent) and compression on the whole val set (rank 0), and a picture of the segments."""
     m = unwrap(net)
     m.eval()
-    result = evaluate(m, val_loader, device, precision)
+    result = evaluate(m, val_loader, device, precision, object_patches)
     if m.visual.cfg.boundary != 'none':
         images = next(iter(val_loader))[0][:16].to(device)
         with torch.no_grad(), autocast(device, precision):
-            boundaries = m.visual(images)[1]['boundaries']
-        save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, boundaries, m.visual.grid_size,
+            segment_ids = m.visual(images)[1]['segment_ids']
+        save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, segment_ids, m.visual.grid_size,
                           open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
     m.train()
-    return dict(val_top1=result['top1'], val_top5=result['top5'], eval_compression=result['compression'])
+    return dict(val_top1=result.pop('top1'), val_top5=result.pop('top5'), eval_compression=result.pop('compression'),
+                **result)
 
 
 step = ckpt['step'] if ckpt else 0

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -162,11 +163,46 @@ def log_jsonl(path, record):
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
+def segment_quality(segment_ids, object_patches):
+    """Per-image sums that say how well segments follow objects, for a batch of (B, N) segment ids
+    and (B, N) bool object patches (both row-major): `pure` segments (all object or all background)
+    and `segments` in all; `object_tokens`, the segments touching the object per object patch, summed
+    over the `images_with_object`."""
+    B, N = segment_ids.shape
+    ones = torch.ones_like(segment_ids, dtype=torch.float)
+    size = ones.new_zeros(B, N).scatter_add_(1, segment_ids, ones)                  # patches per segment
+    on_object = ones.new_zeros(B, N).scatter_add_(1, segment_ids, object_patches.float())
+    exists = size > 0
+    pure = exists & ((on_object == 0) | (on_object == size))
+    n_object = object_patches.sum(1)
+    touching = (on_object > 0).sum(1)
+    has_object = n_object > 0
+    return dict(pure=pure.sum().item(), segments=exists.sum().item(),
+                object_tokens=(touching[has_object] / n_object[has_object]).sum().item(),
+                images_with_object=has_object.sum().item())
+
+
+def boundary_confidence(logits, boundaries):
+    """Per-image sums that say whether the predictor looks at the image: the standard deviation of
+    its boundary probabilities over the patches (`prob_std`; a content-blind predictor is near 0)
+    and the `margin` between the mean probability of the chosen boundaries and of the other patches.
+    The last patch, a boundary by construction, is left out."""
+    p, chosen = torch.sigmoid(logits.float())[:, :-1], boundaries[:, :-1] > 0
+    n_chosen = chosen.sum(1)
+    both = (n_chosen > 0) & (n_chosen < chosen.shape[1])
+    margin = ((p * chosen).sum(1) / n_chosen.clamp(min=1) - (p * ~chosen).sum(1) / (~chosen).sum(1).clamp(min=1))
+    return dict(prob_std=p.std(1, unbiased=False).sum().item(), margin=margin[both].sum().item(),
+                images_with_margin=both.sum().item())
+
+
 @torch.no_grad()
-def evaluate(logits_fn, loader, device, precision='fp32'):
+def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None):
     """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
-    over a loader of (images, labels)."""
+    over a loader of (images, labels). With object_patches ((n, N) bool, one row per image in loader
+    order, see data.shapes_object_patches), also segment_purity, object_tokens and, when there is a
+    predictor, its boundary_prob_std and boundary_margin (see segment_quality, boundary_confidence)."""
     correct1 = correct5 = n = patches = segments = 0
+    sums = defaultdict(float)
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -174,20 +210,34 @@ def evaluate(logits_fn, loader, device, precision='fp32'):
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        if object_patches is not None:
+            for k, v in segment_quality(aux['segment_ids'], object_patches[n:n + len(labels)].to(device)).items():
+                sums[k] += v
+            if 'boundary_logits' in aux:
+                for k, v in boundary_confidence(aux['boundary_logits'], aux['boundaries']).items():
+                    sums[k] += v
         n += len(labels)
         patches += aux['boundaries'].numel()
         segments += aux['n_segments'].sum().item()
-    return dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)
+    result = dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)
+    if object_patches is not None:
+        result.update(segment_purity=sums['pure'] / sums['segments'],
+                      object_tokens=sums['object_tokens'] / max(1, sums['images_with_object']))
+        if 'prob_std' in sums:
+            result.update(boundary_prob_std=sums['prob_std'] / n,
+                          boundary_margin=sums['margin'] / max(1, sums['images_with_margin']))
+    return result
 
 
-def save_segments_png(path, images, boundaries, grid_size, mean, std, nrow=8):
-    """Save a grid of images with their segments drawn on them: patches of one segment share a
-    tint, and a line separates neighbouring patches of different segments (segments run in raster
-    order, so one may wrap from the end of a row to the start of the next)."""
+def save_segments_png(path, images, segment_ids, grid_size, mean, std, nrow=8):
+    """Save a grid of images with their segments drawn on them, from (B, N) row-major segment ids:
+    patches of one segment share a tint, and a white line separates neighbouring patches of
+    different segments, so a segment shows as the 2D region it is in any scan order (in raster
+    order one may wrap from the end of a row to the start of the next)."""
     from PIL import Image, ImageDraw
     images = images.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
     images = (images.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
-    seg = (boundaries.cumsum(1) - boundaries).long().view(-1, *grid_size).cpu()  # segment id per patch
+    seg = segment_ids.view(-1, *grid_size).cpu()
     H, W = images.shape[1:3]
     ph, pw = H // grid_size[0], W // grid_size[1]
     palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180)]

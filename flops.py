@@ -16,7 +16,7 @@ scaling inside attention, layer norms (fvcore's default handle would add ~5 per 
 ViT-B-32; dropped so the count matches OpenCLIP's), dropout, the padding mask, the boundary logic
 (top-k, cumsum, the pooling weights and their normalisation) and the boundary loss.
 
-The trap (shared/REFERENCE.md, section 3): fvcore silently counts ZERO for
+The trap (docs/method.md, section 3): fvcore silently counts ZERO for
 aten::scaled_dot_product_attention, which our attention calls, so a handle is registered for it
 (and its fused variants); any other attention op left uncounted is an error, not a warning.
 """

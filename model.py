@@ -11,8 +11,8 @@ DTP-ViT: a Vision Transformer with Dynamic Token Pooling, in one file.
 Dynamic Token Pooling comes from Nawrot et al., "Efficient Transformers with Dynamic Token
 Pooling" (ACL 2023). Parameter names follow OpenCLIP's VisionTransformer, so an OpenCLIP
 checkpoint loads key for key (the boundary predictor is the only new module); the text tower
-and tokenizer are OpenCLIP's own. See ../shared/REFERENCE.md for the algorithm and the mistakes
-of the original research code that the comments below refer to.
+and tokenizer are OpenCLIP's own. docs/method.md describes the algorithm and the mistakes of the
+original research code that the comments below refer to.
 """
 import difflib
 import math

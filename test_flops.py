@@ -17,7 +17,7 @@ import flops
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
 
 RATIOS = [1, 2, 4, 10]
-# OpenCLIP's docs/model_profile.csv, image tower, 2 FLOPs per MAC (shared/REFERENCE.md section 3)
+# OpenCLIP's docs/model_profile.csv, image tower, 2 FLOPs per MAC (docs/method.md section 3)
 OPENCLIP_GMACS = {'ViT-B-32': 8.82 / 2, 'ViT-B-16': 35.13 / 2}
 
 
@@ -46,7 +46,7 @@ def test_plain_vit_matches_openclip_published_count(table):
 
 
 def test_closed_form_by_component_vit_b32():
-    """The by-hand figures of shared/REFERENCE.md section 3, in GMACs."""
+    """The by-hand figures of docs/method.md section 3, in GMACs."""
     parts = flops.closed_form(flops.base_config('ViT-B-32'))
     by_hand = {'MLPs': 2.831, 'patch embedding': 0.116, 'qkv + out projections': 1.416, 'attention matmuls': 0.046}
     for name, value in by_hand.items():

@@ -301,7 +301,7 @@ while step < total_steps:
         t0 = time.perf_counter()
         if step >= total_steps:
             break
-    # per epoch: the task metrics and the design document's efficiency metrics (step time, memory)
+    # per epoch: the task metrics and the original DTP-ViT's efficiency metrics (step time, memory)
     n = max(1, epoch_stats['n'])
     record = dict(epoch_end=epoch, epoch=step / steps_per_epoch, step=step, train_loss=float(epoch_stats['ce']) / n,
                   train_compression=float(epoch_stats['compression']) / n,

@@ -1,4 +1,4 @@
-# CLIP pretraining of a plain ViT-B-32 from scratch on CC12M: the design document's baseline row.
+# CLIP pretraining of a plain ViT-B-32 from scratch on CC12M: the original DTP-ViT's baseline row.
 #   torchrun --standalone --nproc_per_node=8 train_clip.py config/cc12m_vit.py
 # Set the two paths marked below (see README: preparing CC12M and ImageNet).
 out_dir = 'out/clip-cc12m-vit'

@@ -1,5 +1,5 @@
 # Finetuning all of the pretrained OpenCLIP ViT-B-32 (laion2b_s34b_b79k) with dynamic token pooling at
-# 10x on ImageNet-1k. The design document's finetune 10x rows (batch 128, 1 epoch): 16.24% with its
+# 10x on ImageNet-1k. The original DTP-ViT's finetune 10x rows (batch 128, 1 epoch): 16.24% with its
 # broken weight loading, 9.66% from scratch. Same settings as config/imagenet_finetune_vit.py except
 # for the pooling and the batch.
 #   python train_cls.py config/imagenet_finetune_10x.py             # one GPU

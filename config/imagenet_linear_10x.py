@@ -1,6 +1,6 @@
 # The frozen pretrained OpenCLIP ViT-B-32 (laion2b_s34b_b79k) with dynamic token pooling at 10x (about
 # 5 segments of 49 patches) on ImageNet-1k: only the new boundary predictor and the head train. The
-# design document's frozen 10x rows (batch 128, 1 epoch): 1.46% with its broken weight loading, 1.43%
+# original DTP-ViT's frozen 10x rows (batch 128, 1 epoch): 1.46% with its broken weight loading, 1.43%
 # from scratch. Same settings as config/imagenet_linear_vit.py except for the pooling and the batch.
 #   python train_cls.py config/imagenet_linear_10x.py               # one GPU
 #   torchrun --standalone --nproc_per_node=8 train_cls.py config/imagenet_linear_10x.py --batch_size=16

@@ -1,5 +1,5 @@
 # Linear probe on ImageNet-1k of the frozen pretrained OpenCLIP ViT-B-32 (laion2b_s34b_b79k): the
-# design document's frozen ViT-B-32 row (batch 512, 1 epoch; it reported 67.73% top-1, zero-shot 66.53%).
+# original DTP-ViT's frozen ViT-B-32 row (batch 512, 1 epoch; it reported 67.73% top-1, zero-shot 66.53%).
 #   python train_cls.py config/imagenet_linear_vit.py               # one GPU
 #   torchrun --standalone --nproc_per_node=8 train_cls.py config/imagenet_linear_vit.py --batch_size=64
 # Set the paths marked below (see README: classification).

@@ -135,7 +135,8 @@ def scan_order(scan, h, w):
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_weight,
     in_proj_bias, out_proj), computed by F.scaled_dot_product_attention, which takes the padding
-    mask of the pooled sequence and runs fused kernels on CPU and GPU alike."""
+    mask of the pooled sequence and runs fused kernels on CPU and GPU alike. With `packing` (see
+    Packing below) x holds only the real tokens, and the padded layout exists only in here."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -146,23 +147,18 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention initialises them
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, mask=None, keep=None):
-        """x: (B, L, D), mask: (B, 1, 1, L), True where attended. Packed form: x holds only the T real
-        tokens of a padded batch, (T, D), and `keep` their flat indices in (B * L)."""
+    def forward(self, x, packing=None):
+        """x: (B, L, D), or (T, D) real tokens when packed."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        if keep is not None:  # the padded layout exists only inside attention
-            qkv = unpack(qkv, keep, mask.shape[0], mask.shape[-1])
+        mask = None
+        if packing is not None:
+            qkv, mask = packing.unpack(qkv), packing.attn_mask
         B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, D)
-        if keep is not None:
-            x = x.flatten(0, 1).index_select(0, keep)
+        if packing is not None:
+            x = packing.pack(x)
         return self.out_proj(x)
-
-
-def unpack(tokens, keep, B, L):
-    """(T, C) real tokens -> (B, L, C), zeros at the padding."""
-    return tokens.new_zeros(B * L, tokens.shape[-1]).index_copy(0, keep, tokens).view(B, L, -1)
 
 
 class Block(nn.Module):
@@ -175,8 +171,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(
             c_fc=nn.Linear(width, hidden), gelu=act_layer(), c_proj=nn.Linear(hidden, width)))
 
-    def forward(self, x, mask=None, keep=None):
-        x = x + self.attn(self.ln_1(x), mask, keep)
+    def forward(self, x, packing=None):
+        x = x + self.attn(self.ln_1(x), packing)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -246,7 +242,7 @@ def pool_segments(x, b):
     """Mean-pool each segment of x (B, N, D) cut by the boundaries b (B, N).
 
     Returns the segments (B, S, D), padded with zeros to the largest segment count S in the batch,
-    and `valid` (B, S), True on real segments, or None when no image needed padding.
+    and `real` (B, S), True on real segments, or None when no image needed padding.
     """
     n_segments = b.detach().sum(dim=1)  # exact: the last patch of every image closes a segment
     lo, hi = (int(v) for v in torch.stack([n_segments.min(), n_segments.max()]).tolist())  # one host sync
@@ -260,8 +256,30 @@ def pool_segments(x, b):
     w = torch.where(dist.detach() == 0, 1 - dist, torch.zeros_like(dist))
     w = w / w.sum(dim=1, keepdim=True).clamp(min=1)  # mean over each segment's patches; padding stays 0
     pooled = torch.einsum('bns,bnd->bsd', w.to(x.dtype), x)
-    valid = None if lo == hi else torch.arange(hi, device=x.device) < n_segments.unsqueeze(1)
-    return pooled, valid
+    real = None if lo == hi else torch.arange(hi, device=x.device) < n_segments.unsqueeze(1)
+    return pooled, real
+
+
+class Packing:
+    """The real tokens of a padded batch, packed. Images keep different numbers of segments, so the
+    pooled batch is padded to the largest. Padding must never be attended to (a key-padding mask),
+    and need not be computed either: LayerNorms, projections and MLPs (nearly all the FLOPs) run on
+    the T real tokens packed as (T, D), and only attention sees the (B, L) layout. Padding every
+    image to the longest cost 20-25% of a training step with sampled segment counts."""
+
+    def __init__(self, real):
+        self.batch, self.length = real.shape                        # real: (B, L) bool
+        self.index = real.flatten().nonzero().squeeze(1)            # flat positions of the real tokens
+        self.attn_mask = real[:, None, None, :]                     # (B, 1, 1, L): attend to real keys only
+
+    def pack(self, x):
+        """(B, L, C) -> (T, C), the real tokens."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, tokens):
+        """(T, C) -> (B, L, C), zeros at the padding."""
+        out = tokens.new_zeros(self.batch * self.length, tokens.shape[-1])
+        return out.index_copy(0, self.index, tokens).view(self.batch, self.length, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,26 +345,36 @@ class DTPViT(nn.Module):
     def forward(self, images, boundaries=None):
         """images (B, 3, H, W) -> (features (B, embed_dim), aux).
 
-        boundaries: optional (B, N) 0/1 tensor used instead of the predicted ones, e.g. to simulate a
-        compression ratio (flops.py) or to give every patch its own segment (tests). The predictor
-        still runs (and its logits are returned), so its cost stays in the graph.
+        boundaries: optional (B, N) 0/1 tensor, in scan order, used instead of the predicted ones,
+        e.g. to simulate a compression ratio (flops.py) or to give every patch its own segment
+        (tests). The predictor still runs (and its logits are returned), so its cost stays in the graph.
         aux: boundary_loss (scalar), n_segments (B,), compression (patches per segment over the
         whole batch), segment_ids (B, N): the segment of every patch in row-major grid order;
         boundaries (B, N) and, when there is a predictor, boundary_logits (B, N), both in scan order
         (patch i of the scan is patch scan_order[i] of the grid).
         """
-        cfg = self.cfg
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
-        B, N, _ = x.shape
-        x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)
-        x = self.ln_pre(self.emb_dropout(x + self.positional_embedding.to(x.dtype)))
-        blocks = self.transformer.resblocks
-        for block in blocks[:cfg.pre_layers]:
+        x = self.embed(images)                                   # (B, 1 + N, D)
+        for block in self.transformer.resblocks[:self.cfg.pre_layers]:
             x = block(x)
+        x, packing, aux = self.segment(x, boundaries)            # (B, 1 + S, D), or (T, D) packed
+        for block in self.transformer.resblocks[self.cfg.pre_layers:]:
+            x = block(x, packing)
+        return self.head(x, packing), aux
 
-        mask = valid = keep = logits = None
+    def embed(self, images):
+        """Patch embedding, [CLS] in front, position embedding, ln_pre: as OpenCLIP."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(self.emb_dropout(x))
+
+    def segment(self, x, boundaries=None):
+        """[CLS] + N patch tokens -> [CLS] + one token per segment, packed when the images' segment
+        counts differ, and the aux dict of forward()."""
+        cfg = self.cfg
+        B, N = x.shape[0], x.shape[1] - 1
         if cfg.boundary == 'none':
-            b = x.new_ones(B, N, dtype=torch.float32)
+            b, logits, packing = x.new_ones(B, N, dtype=torch.float32), None, None
         else:
             patches = x[:, 1:]
             if cfg.scan != 'raster':  # segments are runs of consecutive patches in scan order
@@ -356,44 +384,39 @@ class DTPViT(nn.Module):
                 b = boundaries.to(device=x.device, dtype=torch.float32)
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
-            segments, valid = pool_segments(patches, b)
+            segments, real = pool_segments(patches, b)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
-            if valid is not None:
-                # Padded segments are never attended to. They are not computed either: the blocks
-                # run LayerNorms, projections and MLPs (nearly all the FLOPs) on the real tokens
-                # only, packed as (T, D); training's sampled segment counts vary from image to image,
-                # and padding every image to the longest cost 20-25% of a training step.
-                real = F.pad(valid, (1, 0), value=True)
-                mask, keep = real[:, None, None, :], real.flatten().nonzero().squeeze(1)
-                x = x.flatten(0, 1).index_select(0, keep)
-        L = x.shape[1] if keep is None else mask.shape[-1]
-        for block in blocks[cfg.pre_layers:]:
-            x = block(x, mask, keep)
-        if keep is not None:
-            x = unpack(x, keep, B, L)
-
-        if cfg.pool == 'cls':
-            x = self.ln_post(x[:, 0])
-        else:  # masked mean over the real segments (or all patches for the plain ViT)
-            tokens = self.ln_post(x[:, 1:])
-            if valid is None:
-                x = tokens.mean(dim=1)
-            else:
-                x = tokens.masked_fill(~valid.unsqueeze(-1), 0).sum(1) / valid.sum(1, keepdim=True)
-        features = x @ self.proj
+            packing = None if real is None else Packing(F.pad(real, (1, 0), value=True))
+            if packing is not None:
+                x = packing.pack(x)
 
         n_segments = b.detach().sum(dim=1).long()
-        prior_loss = boundary_prior_loss(b, 1 / cfg.compression) if cfg.boundary == 'gumbel' else b.new_zeros(())
+        prior = boundary_prior_loss(b, 1 / cfg.compression) if cfg.boundary == 'gumbel' else b.new_zeros(())
         # Segment of every patch in row-major grid order, whatever the scan order: what users,
         # pictures and segment-quality metrics read.
         seg = segment_ids(b.detach()).long()
         if cfg.scan != 'raster' and cfg.boundary != 'none':
             seg = seg.index_select(1, self.raster_order)
-        aux = dict(boundary_loss=prior_loss, n_segments=n_segments, boundaries=b.detach(), segment_ids=seg,
+        aux = dict(boundary_loss=prior, n_segments=n_segments, boundaries=b.detach(), segment_ids=seg,
                    compression=N / n_segments.float().mean())
         if logits is not None:
             aux['boundary_logits'] = logits
-        return features, aux
+        return x, packing, aux
+
+    def head(self, x, packing=None):
+        """ln_post, then the [CLS] token (or the mean of the real segments), then proj."""
+        if packing is not None:
+            x = packing.unpack(x)
+        if self.cfg.pool == 'cls':
+            x = self.ln_post(x[:, 0])
+        else:  # masked mean over the real segments (or all patches for the plain ViT)
+            tokens = self.ln_post(x[:, 1:])
+            if packing is None:
+                x = tokens.mean(dim=1)
+            else:
+                real = packing.attn_mask[:, 0, 0, 1:].unsqueeze(-1)
+                x = tokens.masked_fill(~real, 0).sum(1) / real.sum(1)
+        return x @ self.proj
 
 
 class CLIP(nn.Module):

@@ -105,13 +105,13 @@ def fvcore_count(tower, images, boundaries=None, attention=True):
 
 def closed_form(cfg: DTPConfig, n_segments=None):
     """MACs per image by component, counting what fvcore counts (see the docstring). n_segments:
-    segments after pooling (padded: the batch maximum); default ceil(N / compression).
+    segments after pooling (padded: the batch maximum); default cfg.n_segments, round(N / compression).
     ViT-B/32 at 224 (50 tokens, width 768, 12 layers, MLP 3072), in GMACs: MLPs 2.831, qkv + out
     projections 1.416, patch embedding 0.116, attention matmuls 0.046, projection 0.0004: 4.409."""
     D, N, p = cfg.width, cfg.n_patches, cfg.patch_size
     hidden = int(D * cfg.mlp_ratio)
     dtp = cfg.boundary != 'none'
-    S = (n_segments or math.ceil(N / cfg.compression)) if dtp else N
+    S = (n_segments or cfg.n_segments) if dtp else N
     tokens = [N + 1] * cfg.pre_layers + [1 + S] * cfg.short_layers  # [CLS] + tokens through each block
     h = cfg.predictor_hidden or D
     return {
@@ -163,10 +163,10 @@ def flop_rows(model, ratios, image_size=None, pre_layers=None):
     uncounted = set()
     for r in map(float, ratios):
         # The real gumbel model with its predictor; ratio r is simulated by evenly spaced boundaries
-        # giving exactly ceil(N / r) segments, since fvcore traces one static graph.
+        # giving exactly the segments evaluation keeps (cfg.n_segments), since fvcore traces one static graph.
         cfg = dataclasses.replace(base, boundary='gumbel', compression=r)
         tower = DTPViT(cfg)
-        S = math.ceil(N / r)
+        S = cfg.n_segments
         analysis = fvcore_count(tower, images, fixed_boundaries(1, N, S))
         macs = analysis.total()
         overhead = analysis.by_module()['tower.predictor'] + analysis.by_operator().get('einsum', 0)
@@ -480,7 +480,7 @@ def main(argv=None):
         say("fvcore FlopCountAnalysis with attention handles. GMACs = fvcore's count (1 multiply-add = 1 FLOP); "
             "GFLOPs = 2 x GMACs, as OpenCLIP and most papers quote")
         say(f"DTP at ratio r: the gumbel model, predictor included, on evenly spaced boundaries giving "
-            f"ceil({N}/r) segments; tokens = tokens in the shortened layers, [CLS] included; the scan order "
+            f"round({N}/r) segments (what evaluation keeps); tokens = tokens in the shortened layers, [CLS] included; the scan order "
             f"(raster or hilbert) only permutes the patches and leaves every count unchanged")
         say()
         if not args.json:

@@ -77,8 +77,9 @@ class DTPConfig:
 
     @property
     def n_segments(self):
-        """Segments per image that top-k boundaries keep: round(N / compression)."""
-        return min(self.n_patches, max(1, round(self.n_patches / self.compression)))
+        """Segments per image at this compression: N / compression rounded half up, at least 1. The
+        one rule for fixed pooling, top-k evaluation, top-k training and flops.py's tables."""
+        return min(self.n_patches, max(1, math.floor(self.n_patches / self.compression + 0.5)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ class DTPViT(nn.Module):
         cfg = self.cfg
         B, N, _ = patches.shape
         if cfg.boundary == 'fixed':
-            return fixed_boundaries(B, N, math.ceil(N / cfg.compression), patches.device), None
+            return fixed_boundaries(B, N, cfg.n_segments, patches.device), None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
             logits = self.predictor(patches.float()).squeeze(-1)

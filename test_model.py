@@ -256,8 +256,27 @@ def test_fixed_mode_in_the_model():
     vit = DTPViT(DTPConfig(boundary='fixed', compression=4)).eval()  # ViT-B-32: 49 patches
     with torch.no_grad():
         _, aux = vit(torch.randn(2, 3, 224, 224))
-    assert aux['n_segments'].tolist() == [13, 13] and aux['boundary_loss'] == 0
+    assert aux['n_segments'].tolist() == [12, 12] and aux['boundary_loss'] == 0  # round(49 / 4)
     assert not hasattr(vit, 'predictor')
+
+
+@pytest.mark.parametrize('compression', [2.0, 4.0, 3.0, 10.0])
+def test_one_segment_count_for_fixed_pooling_topk_eval_topk_training_and_flops(compression):
+    """At ratio r every path keeps N / r segments rounded half up (49 / 2 = 24.5 -> 25): the FLOP
+    tables count what evaluation runs."""
+    import flops
+    images = torch.randn(2, 3, 224, 224)
+    expected = math.floor(49 / compression + 0.5)
+    counts = []
+    for boundary, train_boundaries, mode in [('fixed', 'bernoulli', 'eval'), ('gumbel', 'bernoulli', 'eval'),
+                                             ('gumbel', 'topk', 'train')]:
+        vit = DTPViT(DTPConfig(boundary=boundary, train_boundaries=train_boundaries, compression=compression,
+                               short_layers=1))
+        with torch.no_grad():
+            counts += getattr(vit, mode)()(images)[1]['n_segments'].tolist()
+    assert counts == [expected] * 6
+    cfg = DTPConfig(compression=compression)
+    assert sum(flops.closed_form(cfg).values()) == sum(flops.closed_form(cfg, expected).values())
 
 
 def test_topk_eval_gives_round_n_over_r_segments():

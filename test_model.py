@@ -96,6 +96,92 @@ def test_loader_maps_every_weight_and_names_what_is_wrong(openclip_b32, tmp_path
         load_openclip('ViT-B-32', 'no_such_tag_or_file')
 
 
+class _Holder(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_torchscript_archive(state_dict, path):
+    """A TorchScript archive whose state dict is `state_dict`, as OpenAI's released CLIP files are (their
+    code is a traced CLIP; only the state dict is ever read)."""
+    root = _Holder()
+    for key, value in state_dict.items():
+        module, (*parents, leaf) = root, key.split('.')
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, _Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value)
+    torch.jit.script(root).save(str(path))
+
+
+@pytest.fixture(scope='module')
+def openai_b32(tmp_path_factory):
+    """OpenAI-format ViT-B-32 weights made here: a perturbed random QuickGELU CLIP, its linear and conv
+    weights in fp16 as in OpenAI's release, plus the release's three extra entries; saved as a TorchScript
+    archive (what pretrained='openai' downloads) and as a plain state dict."""
+    torch.manual_seed(1)
+    ref = open_clip.create_model('ViT-B-32-quickgelu')
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    open_clip.model.convert_weights_to_fp16(ref)
+    state_dict = dict(ref.state_dict(), input_resolution=torch.tensor(224), context_length=torch.tensor(77),
+                      vocab_size=torch.tensor(49408))
+    d = tmp_path_factory.mktemp('openai')
+    save_torchscript_archive(state_dict, d / 'ViT-B-32.pt')
+    torch.save(state_dict, d / 'state_dict.pt')
+    return d
+
+
+@pytest.mark.parametrize('fmt', ['ViT-B-32.pt', 'state_dict.pt'])
+def test_openai_weights_reproduce_openclip(openai_b32, fmt):
+    path = str(openai_b32 / fmt)
+    ref = open_clip.load_openai_model(path, device='cpu').eval()  # OpenCLIP's own loader of these files
+    model = load_openclip('ViT-B-32', path, boundary='none').eval()
+    assert model.visual.cfg.quick_gelu  # as OpenAI trained them, though 'ViT-B-32' says GELU
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    texts = open_clip.get_tokenizer('ViT-B-32')(['a dog', 'a small red circle'])
+    with torch.no_grad():
+        assert (model.encode_image(images) - ref.encode_image(images)).abs().max() <= 1e-5
+        assert (model.encode_text(texts) - ref.encode_text(texts)).abs().max() <= 1e-5
+        assert ref.encode_image(images).abs().max() > 1
+
+
+@pytest.mark.parametrize('content', [b'', b'PK\x03\x04 truncated', bytes(range(256)) * 4, b'not a checkpoint\n'])
+def test_unreadable_checkpoint_names_the_file(tmp_path, content, openclip_b32):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{bad} is not a readable checkpoint"):
+        load_openclip('ViT-B-32', str(bad))
+    truncated = tmp_path / 'truncated.pt'  # a real checkpoint cut short, as by a full disk
+    truncated.write_bytes((openclip_b32[0] / 'raw.pt').read_bytes()[:100000])
+    with pytest.raises(ValueError, match=rf"{truncated} is not a readable checkpoint"):
+        load_openclip('ViT-B-32', str(truncated))
+
+
+def test_own_training_checkpoint_loads_as_pretrained(tmp_path):
+    """A train_clip.py ckpt.pt given as pretrained: its weights load into a model with its settings
+    (here 1 + 1 blocks of an OpenCLIP ViT-B-32, not the config's 12); other settings are told what to do."""
+    args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1, context_length=16),
+                image_size=32, patch_size=8, width=32, heads=2, embed_dim=16, pre_layers=1, short_layers=1)
+    torch.manual_seed(0)
+    trained = load_openclip(**args)
+    path = tmp_path / 'ckpt.pt'
+    torch.save(dict(model=trained.state_dict(), optimizer={}, step=3, config={}, model_args=args), path)
+    loaded = load_openclip(**{**args, 'pretrained': str(path)})
+    for k, v in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    plain = load_openclip(**{**args, 'pretrained': str(path), 'boundary': 'none'})  # drops the predictor
+    assert torch.equal(plain.visual.proj, trained.visual.proj)
+    with pytest.raises(KeyError, match=r"shapes.*visual\.conv1\.weight.*init_from='resume'") as e:
+        load_openclip(**{**args, 'pretrained': str(path), 'width': 64})
+    assert len(str(e.value)) < 2000  # a few names, not every key of the model
+    with pytest.raises(ValueError, match=r'depth of the checkpoint .*ckpt\.pt \(2 blocks\)'):
+        load_openclip(**{**args, 'pretrained': str(path), 'short_layers': 3})
+
+
 def test_pretrained_tag_offline_asks_for_a_local_file(monkeypatch):
     def offline(cfg, **kw):
         raise FileNotFoundError('Name or service not known')

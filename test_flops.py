@@ -200,3 +200,17 @@ def test_bench_smoke():
         assert row['throughput'] > 0 and row['train_step_s'] > 0 and row['ideal'] > 0
         assert row['peak_mem_gb'] > weights
     assert rows[1]['bench_tokens'] == 1 + 2 and rows[1]['ideal'] > 1
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--ratio', '0'], "'0' is not a compression ratio"),
+    (['--ratio', '4', '-2'], "'-2' is not a compression ratio"),
+    (['--model', 'RN50'], 'RN50 is not a plain OpenCLIP ViT'),
+    (['--model', 'ViT-B-23'], "unknown OpenCLIP model 'ViT-B-23'"),
+    (['--checkpoint', 'README.md', '--data', '.'], 'README.md is not a readable checkpoint'),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    proc = subprocess.run([sys.executable, 'flops.py', *args], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr

@@ -437,11 +437,15 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides
 
     quick_gelu = cfg.get('quick_gelu', False)
     depth, width = vision['layers'], vision['width']
-    checkpoint = None
+    hint = ''
     if pretrained:
         path = _checkpoint_file(model_name, pretrained)
         checkpoint = read_checkpoint(path)
         state_dict, openai = _state_dict(checkpoint, path)
+        if _is_own_checkpoint(checkpoint):
+            hint = (f"; {path} is a checkpoint of this project's training scripts, built with "
+                    f"{checkpoint['model_args']}: use the same settings (train_cls.py checkpoints hold no text "
+                    f"tower), or continue its run with init_from='resume' and its out_dir")
         if openai:
             quick_gelu = True  # OpenAI's CLIP weights (archive or state dict) were trained with QuickGELU
         elif not os.path.isfile(pretrained):  # a tag: OpenCLIP's pretrained config says which activation
@@ -452,7 +456,7 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides
     short_layers = overrides.pop('short_layers', depth - pre_layers)
     if pretrained and pre_layers + short_layers != depth:
         raise ValueError(f"pre_layers ({pre_layers}) + short_layers ({short_layers}) must equal the depth "
-                         f"of the checkpoint {path} ({depth} blocks)")
+                         f"of the checkpoint {path} ({depth} blocks){hint}")
     image_size = vision.get('image_size', 224)
     vision_cfg = DTPConfig(**{
         **dict(image_size=image_size if isinstance(image_size, int) else image_size[0],
@@ -463,11 +467,6 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides
         **overrides})
     model = CLIP(vision_cfg, {**cfg['text_cfg'], **(text or {})})
     if pretrained:
-        hint = ''
-        if _is_own_checkpoint(checkpoint):
-            hint = (f"; {path} is a checkpoint of this project's training scripts, built with {checkpoint['model_args']}: "
-                    f"use the same settings (train_cls.py checkpoints hold no text tower), or continue its run "
-                    f"with init_from='resume' and its out_dir")
         _load_weights(model, state_dict, path, hint)
     return model
 

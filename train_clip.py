@@ -22,10 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import load_openclip
-from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
-                         peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
-                         sync, teardown_distributed, unwrap)
+from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl, param_groups,
+                         peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint, save_segments_png,
+                         setup_distributed, sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -110,11 +109,11 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
     model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
 else:
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
-clip = load_openclip(**model_args)
+clip = load_model(model_args)
 model_args['pretrained'] = None  # weights come from the checkpoint from now on
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])

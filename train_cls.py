@@ -27,10 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import load_openclip
-from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
-                         peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
-                         sync, teardown_distributed, unwrap)
+from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl, param_groups,
+                         peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint, save_segments_png,
+                         setup_distributed, sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -128,7 +127,7 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
     model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
 else:
     dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
@@ -137,7 +136,7 @@ else:
         dtp['short_layers'] = short_layers
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
     pretrained = init_from != 'scratch'
-clip = load_openclip(**model_args)
+clip = load_model(model_args)
 model_args['pretrained'] = None  # weights come from the checkpoint from now on
 net = Classifier(clip.visual, len(train_set.classes)).to(device)
 if ckpt is not None:

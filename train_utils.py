@@ -66,6 +66,28 @@ def configure(config, argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# checkpoints and models, with what a user got wrong stopping the run in one line, not a traceback
+
+def read_checkpoint(path):
+    """model.read_checkpoint: what a checkpoint file holds; an unreadable file stops the run naming it."""
+    import model
+    try:
+        return model.read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f'checkpoint error: {e}')
+
+
+def load_model(model_args):
+    """model.load_openclip(**model_args); a checkpoint it cannot read or that does not fit the settings
+    stops the run with load_openclip's message."""
+    import model
+    try:
+        return model.load_openclip(**model_args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"init_from={model_args.get('pretrained')!r}: {e.args[0] if e.args else e}")
+
+
+# ----------------------------------------------------------------------------------------------
 # torchrun / DDP
 
 def setup_distributed():

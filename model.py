@@ -184,6 +184,13 @@ def pool_segments(x, b):
     return pooled, valid
 
 
+def float32_call(module, x):
+    """module(x) computed in float32, also in a model cast to half precision (.half(), .to(torch.bfloat16)):
+    its weights are upcast for the call (a no-op when they are float32), and gradients reach them."""
+    weights = {name: p.float() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, weights, (x.float(),))
+
+
 # ----------------------------------------------------------------------------------------------
 
 class DTPViT(nn.Module):
@@ -222,7 +229,7 @@ class DTPViT(nn.Module):
             return fixed_boundaries(B, N, math.ceil(N / cfg.compression), patches.device), None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
-            logits = self.predictor(patches.float()).squeeze(-1)
+            logits = float32_call(self.predictor, patches).squeeze(-1)
         if self.training:
             return gumbel_sigmoid(logits, cfg.temperature), logits
         # Eval is deterministic: no noise, so an image always gets the same segments.

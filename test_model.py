@@ -1,4 +1,5 @@
 """Tests of model.py. Real ViT-B-32 shapes where a test is about ViT-B-32, tiny configs elsewhere."""
+import copy
 import math
 
 import open_clip
@@ -367,6 +368,27 @@ def test_mixed_precision_forward_backward_is_finite(dtype):
     assert torch.isfinite(loss)
     for name, p in vit.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_model_runs_its_predictor_in_float32(dtype):
+    """A gumbel model cast with .half() / .to(torch.bfloat16) runs (train and eval, forward and backward), and
+    its predictor still computes in float32: the logits are those of a float32 copy of it, bit for bit."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny()).to(dtype)
+    inputs = []
+    vit.predictor.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    images = torch.randn(4, 3, 32, 32).to(dtype)
+    for train in (False, True):
+        features, aux = vit.train(train)(images)
+        assert features.dtype == dtype and torch.isfinite(features).all()
+        assert inputs[-1].dtype == torch.float32
+        with torch.no_grad():
+            expected = copy.deepcopy(vit.predictor).float()(inputs[-1]).squeeze(-1)
+        assert aux['boundary_logits'].dtype == torch.float32 and torch.equal(aux['boundary_logits'], expected)
+    (features.float().square().mean() + aux['boundary_loss']).backward()
+    for name, p in vit.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
 
 
 # CLIP wrapper ---------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ class DTPConfig:
             raise ValueError(f"DTPConfig: pre_layers={self.pre_layers}, short_layers={self.short_layers} must be >= 0")
         if not self.compression >= 1:
             raise ValueError(f"DTPConfig.compression={self.compression}: patches per segment must be >= 1")
+        if not self.temperature > 0:  # Gumbel-Sigmoid divides by it: 0 gives NaN, < 0 inverts the boundaries
+            raise ValueError(f"DTPConfig.temperature={self.temperature}: must be > 0")
         if self.width % self.heads:
             raise ValueError(f"DTPConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -247,6 +249,10 @@ class DTPViT(nn.Module):
         whole batch), boundaries (B, N), and boundary_logits (B, N) when there is a predictor.
         """
         cfg = self.cfg
+        if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
+            # the convolution would run on any size: larger images silently lose their right and bottom edges
+            raise ValueError(f"DTPViT takes (B, 3, {cfg.image_size}, {cfg.image_size}) images, got {tuple(images.shape)}; "
+                             f"resize them to {cfg.image_size} px (or build the model with that image_size)")
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
         B, N, _ = x.shape
         x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)

@@ -410,3 +410,19 @@ def test_config_errors_are_clear():
         DTPConfig(boundary='dynamic')
     with pytest.raises(ValueError, match='compression'):
         DTPConfig(compression=0.5)
+
+
+@pytest.mark.parametrize('temperature', [0.0, -0.5])
+def test_temperature_must_be_positive(temperature):
+    with pytest.raises(ValueError, match=r'DTPConfig\.temperature=.*must be > 0'):
+        DTPConfig(temperature=temperature)
+
+
+@pytest.mark.parametrize('size', [35, 28, 64])
+def test_images_of_the_wrong_size_are_refused(size):
+    """35 px into a 32 px model of 8 px patches used to be cropped silently to 32 px; 28 px gave 9 patches."""
+    vit = DTPViT(tiny(patch_size=8)).eval()
+    with pytest.raises(ValueError, match=rf'takes \(B, 3, 32, 32\) images, got \(2, 3, {size}, {size}\)'):
+        vit(torch.randn(2, 3, size, size))
+    with pytest.raises(ValueError, match=r'takes \(B, 3, 32, 32\) images'):
+        vit(torch.randn(3, 32, 32))  # a single image without its batch dimension

@@ -96,8 +96,8 @@ def test_eval_only_reproduces_openclip_zero_shot(tmp_path):
     ckpt = str(tmp_path / 'openclip.pt')
     torch.save(ref.state_dict(), ckpt)
     out = str(tmp_path / 'eval')
-    proc = run(f'--out_dir={out}', f'--init_from={ckpt}', '--eval_only=True', '--boundary=none', "--vision={'image_size': 64}",
-               '--text={}', '--pre_layers=2', '--short_layers=10', '--workers=0')
+    proc = run(f'--out_dir={out}', f'--init_from={ckpt}', '--eval_only=True', '--boundary=none', '--vision=None',
+               "--vision={'image_size': 64}", '--text=None', '--pre_layers=2', '--short_layers=10', '--workers=0')
     assert 'zeroshot_top1' in proc.stdout and 'zeroshot_top5' in proc.stdout
     ours = [r for r in records(out) if 'zeroshot_top1' in r][-1]
 
@@ -127,6 +127,10 @@ def test_bad_config_and_missing_data_fail_clearly(tmp_path):
     assert proc.returncode != 0 and '/nonexistent/cc12m/00000.tar' in proc.stderr and 'img2dataset' in proc.stderr
     proc = run(TINY, f'--out_dir={tmp_path}', "--imagenet_val=/nonexistent/imagenet/val", check=False)
     assert proc.returncode != 0 and '/nonexistent/imagenet/val' in proc.stderr and 'n01440764' in proc.stderr
+    # one entry point per setting: a DTP setting inside vision is refused, not silently overridden
+    proc = run(TINY, f'--out_dir={tmp_path}', "--vision={'compression': 10.0}", check=False)
+    assert proc.returncode != 0 and "vision['compression']" in proc.stderr and '--compression=' in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def test_unreadable_checkpoints_are_named(tmp_path):

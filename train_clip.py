@@ -22,9 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl, param_groups,
-                         peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint, save_segments_png,
-                         setup_distributed, sync, teardown_distributed, unwrap)
+from train_utils import (autocast, check_settings, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl,
+                         param_groups, peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint,
+                         save_segments_png, setup_distributed, sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -42,8 +42,8 @@ imagenet_val = None         # ImageNet val folder (one sub-folder per class) for
 workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
 model = 'ViT-B-32'          # OpenCLIP config name of both towers
-vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
-text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides ({}: none)
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides, merged (None: none)
+text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
 boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
@@ -67,6 +67,7 @@ compile = False             # torch.compile the model
 seed = 0
 # -----------------------------------------------------------------------------------------------
 config = configure({k: globals()[k] for k in config_keys(globals())})
+check_settings(config)
 globals().update(config)
 
 rank, world_size, device = setup_distributed()
@@ -99,7 +100,7 @@ elif not eval_only:
                          f"(expected img2dataset output, e.g. '/data/cc12m/{{00000..01242}}.tar')")
 
 # model -----------------------------------------------------------------------------------------
-dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
+dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
            eval_boundaries=eval_boundaries, pool=pool)
 if short_layers is not None:
     dtp['short_layers'] = short_layers

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl, param_groups,
-                         peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint, save_segments_png,
-                         setup_distributed, sync, teardown_distributed, unwrap)
+from train_utils import (autocast, check_settings, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl,
+                         param_groups, peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint,
+                         save_segments_png, setup_distributed, sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -45,7 +45,7 @@ data_dir = 'shapes'         # 'shapes' (built-in, generated on first use) or an 
 workers = 0                 # dataloader processes per GPU (0 for the demo: on 2 cores, workers slow the model)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo (as in train_clip.py)
 model = 'ViT-B-32'          # OpenCLIP config name
-vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides, merged (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrides; the text tower is only
                             # used to build a zero-shot head, and dropped afterwards
 pre_layers = 2              # full-length blocks before pooling
@@ -75,6 +75,7 @@ compile = False             # torch.compile the model
 seed = 0
 # -----------------------------------------------------------------------------------------------
 config = configure({k: globals()[k] for k in config_keys(globals())})
+check_settings(config)
 globals().update(config)
 if head_init not in ('auto', 'zeroshot', 'random'):
     raise SystemExit(f"config error: head_init={head_init!r}, expected 'auto', 'zeroshot' or 'random'")
@@ -130,7 +131,7 @@ if init_from == 'resume':
     ckpt = read_checkpoint(ckpt_path)
     model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
 else:
-    dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
+    dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
                eval_boundaries=eval_boundaries, pool=pool)
     if short_layers is not None:
         dtp['short_layers'] = short_layers

@@ -38,8 +38,8 @@ import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, einsum_flop_jit, get_shape,
                                    linear_flop_jit, matmul_flop_jit)
-from PIL import Image
 
+import data
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip, read_checkpoint
 
 # -----------------------------------------------------------------------------------------------
@@ -258,8 +258,7 @@ def checkpoint_rows(args, device):
     for i in range(0, len(paths), args.batch_size):
         images = []
         for p in paths[i:i + args.batch_size]:
-            with Image.open(p) as im:
-                images.append(transform(im))
+            images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
         _, aux = tower(torch.stack(images).to(device))
         counts = aux['n_segments'].tolist()
         segments += counts

@@ -188,7 +188,10 @@ def pool_segments(x, b):
 
 def float32_call(module, x):
     """module(x) computed in float32, also in a model cast to half precision (.half(), .to(torch.bfloat16)):
-    its weights are upcast for the call (a no-op when they are float32), and gradients reach them."""
+    then its weights are upcast for the call, and gradients still reach them. float32 weights are used as
+    they are (a plain call, which also keeps fvcore's traced graph attributing the FLOPs to the module)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module(x.float())
     weights = {name: p.float() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, weights, (x.float(),))
 

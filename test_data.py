@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -302,3 +303,28 @@ def test_memory_loader_serves_each_decoded_sample_once_per_epoch(shapes, tokeniz
     assert loader.skipped() == 2 and loader.num_samples == 8  # 11 good samples, 2 full batches of 4
     with pytest.raises(ValueError, match='fewer than one batch'):
         data.memory_loader(str(tmp_path / 'x0.tar'), val_tf, tokenizer, batch_size=64, rank=0, world_size=1)
+
+
+def to_tensor(image):
+    """PIL RGB image -> uint8 (3, H, W), the decoded pixels themselves."""
+    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path, tokenizer):
+    """A 16-bit greyscale PNG (PIL mode 'I;16') used to be clipped to all white by convert('RGB')."""
+    levels = np.arange(0, 65536, 257 * 17, dtype=np.uint16)  # 0, 4369, ..., 65535: 8-bit 0, 17, ..., 255
+    pixels = np.tile(levels, (16, 1))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format='PNG')
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith('I')
+    expected = torch.tensor(levels // 257, dtype=torch.uint8).expand(16, -1)
+
+    (tmp_path / 'folder' / 'train' / 'grey').mkdir(parents=True)  # ImageFolder
+    (tmp_path / 'folder' / 'train' / 'grey' / 'a.png').write_bytes(buf.getvalue())
+    image = to_tensor(data.imagenet_dataset(tmp_path / 'folder', 'train')[0][0])
+    assert torch.equal(image, expected.expand(3, -1, -1))
+
+    write_tar(tmp_path / 'shard.tar', [('a', dict(png=buf.getvalue(), txt=b'a grey ramp'))])  # webdataset shard
+    images, _, _ = collect(data.wds_loader(str(tmp_path / 'shard.tar'), to_tensor, tokenizer, 1, train=False,
+                                           workers=0))
+    assert torch.equal(images[0], expected.expand(3, -1, -1))

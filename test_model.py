@@ -91,6 +91,8 @@ def test_loader_maps_every_weight_and_names_what_is_wrong(openclip_b32, tmp_path
     assert len(small.visual.transformer.resblocks) == 3 and small.text.context_length == 16
     with pytest.raises(TypeError, match=r"compresion.*compression"):
         load_openclip('ViT-B-32', compresion=4)
+    with pytest.raises(ValueError, match=r"unknown text_cfg key 'contxt_length'.*context_length"):
+        load_openclip('ViT-B-32', text=dict(contxt_length=16))
     with pytest.raises(ValueError, match=r'ViT-B-32'):
         load_openclip('ViT-B-23')
     with pytest.raises(FileNotFoundError, match=r'neither a file nor an OpenCLIP tag'):

@@ -254,8 +254,9 @@ class DTPViT(nn.Module):
         cfg = self.cfg
         if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
             # the convolution would run on any size: larger images silently lose their right and bottom edges
-            raise ValueError(f"DTPViT takes (B, 3, {cfg.image_size}, {cfg.image_size}) images, got {tuple(images.shape)}; "
-                             f"resize them to {cfg.image_size} px (or build the model with that image_size)")
+            raise ValueError(f"DTPViT takes (B, 3, {cfg.image_size}, {cfg.image_size}) images, got "
+                             f"{tuple(images.shape)}; resize them to {cfg.image_size} px (or build the model with "
+                             f"that image_size)")
         x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
         B, N, _ = x.shape
         x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, -1), x], dim=1)

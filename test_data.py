@@ -307,7 +307,7 @@ def test_memory_loader_serves_each_decoded_sample_once_per_epoch(shapes, tokeniz
 
 def to_tensor(image):
     """PIL RGB image -> uint8 (3, H, W), the decoded pixels themselves."""
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path, tokenizer):

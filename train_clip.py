@@ -42,7 +42,7 @@ imagenet_val = None         # ImageNet val folder (one sub-folder per class) for
 workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
 model = 'ViT-B-32'          # OpenCLIP config name of both towers
-vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides, merged (None: none)
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)

@@ -11,8 +11,11 @@ import math
 import os
 import sys
 
+import open_clip
 import torch
 import torch.distributed as dist
+
+import model as dtp_vit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,13 +96,10 @@ DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'tempera
 def check_settings(config):
     """Refuse, before anything starts, settings that would fail deep inside a run or silently misbehave.
     Shared by train_clip.py and train_cls.py (keys one script lacks are skipped)."""
-    import open_clip
-    from model import DTPConfig
-
     def refuse(message):
         raise SystemExit(f'config error: {message}')
 
-    fields = {f.name for f in dataclasses.fields(DTPConfig)}
+    fields = {f.name for f in dataclasses.fields(dtp_vit.DTPConfig)}
     for key in ('vision', 'text'):
         if config.get(key) is not None and not isinstance(config[key], dict):
             refuse(f'{key}={config[key]!r}: expected a dict of overrides or None')
@@ -114,7 +114,7 @@ def check_settings(config):
                 refuse(f"{key}[{name!r}]: no such {what}" + (f"; did you mean {' or '.join(map(repr, close))}?"
                                                             if close else f'; expected one of {sorted(names)}'))
     try:  # the pooling settings, checked by DTPConfig itself
-        DTPConfig(**{k: config[k] for k in DTP_GLOBALS if config.get(k) is not None})
+        dtp_vit.DTPConfig(**{k: config[k] for k in DTP_GLOBALS if config.get(k) is not None})
     except ValueError as e:  # its messages name DTPConfig's fields, which here are the script's settings
         refuse(str(e).replace('DTPConfig.', '').replace('DTPConfig: ', ''))
     if config.get('precision') not in ('bf16', 'fp16', 'fp32'):
@@ -134,21 +134,19 @@ def check_settings(config):
 
 def read_checkpoint(path):
     """model.read_checkpoint: what a checkpoint file holds; an unreadable file stops the run naming it."""
-    import model
     try:
-        return model.read_checkpoint(path)
+        return dtp_vit.read_checkpoint(path)
     except ValueError as e:
         raise SystemExit(f'checkpoint error: {e}')
 
 
 def load_model(model_args):
     """model.load_openclip(**model_args); a checkpoint it cannot read or that does not fit the settings
-    stops the run with load_openclip's message."""
-    import model
+    stops the run with load_openclip's message (which names the file)."""
     try:
-        return model.load_openclip(**model_args)
+        return dtp_vit.load_openclip(**model_args)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise SystemExit(f"init_from={model_args.get('pretrained')!r}: {e.args[0] if e.args else e}")
+        raise SystemExit(f"config error: {e.args[0] if e.args else e}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -164,3 +164,14 @@ def test_own_checkpoint_as_init_from(tmp_path):
     assert [r for r in records(cls) if 'val_top1' in r][-1]['val_top1'] == pytest.approx(final['zeroshot_top1'])
     proc = run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True', '--short_layers=2', check=False)
     assert proc.returncode != 0 and "init_from='resume'" in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_command_line_pairs_win_over_files_and_merge_into_vision(tmp_path):
+    """Pairs placed before the config file still override it, and --vision changes only the keys it names
+    (replaced, it used to give the 224 px, width-768 ViT-B-32 tower)."""
+    out = str(tmp_path / 'run')
+    run("--vision={'image_size': 48}", '--max_steps=2', TINY, f'--out_dir={out}', '--log_interval=1')
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 2  # not the file's max_steps=20
+    args = ckpt['model_args']
+    assert (args['image_size'], args['patch_size'], args['width'], args['predictor_hidden']) == (48, 8, 32, 32)

@@ -298,6 +298,17 @@ LAYOUT = """expected an ImageFolder layout, one sub-folder per class, e.g.
 (ImageNet's val images come as one flat folder: sort them into class folders first)"""
 
 
+def load_image(fp):
+    """An image file (a path or a file object) as an RGB PIL image, fully decoded. 16-bit greyscale, as
+    PIL opens a 16-bit PNG (mode 'I;16', or 'I' in older Pillow), is scaled to 8 bits first: convert('RGB')
+    clips it at 255, so such an image came out all white."""
+    with Image.open(fp) as image:
+        if image.mode.startswith('I'):
+            pixels = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)  # 'I' (int32): a 16-bit PNG's range
+            image = Image.fromarray(np.round(pixels / 257).astype(np.uint8), 'L')
+        return image.convert('RGB')  # convert() forces the full decode, before the file closes
+
+
 def image_transforms(image_size):
     """(train, val) image transforms from OpenCLIP: RGB, resize/crop, CLIP mean/std."""
     return (open_clip.image_transform(image_size, is_train=True),
@@ -315,7 +326,7 @@ def imagenet_dataset(root, split, transform=None):
     if not any(entry.is_dir() for entry in os.scandir(path)):
         raise ValueError(f'{path} has no class sub-folders; {layout}')
     try:
-        return ImageFolder(path, transform)
+        return ImageFolder(path, transform, loader=load_image)
     except FileNotFoundError as e:  # ImageFolder: some class folder holds no images
         raise ValueError(f'{path}: {e}; {layout}') from None
 
@@ -399,7 +410,7 @@ def _decode(samples, transform, tokenizer, with_labels, skipped):
             ext = next((e for e in ('jpg', 'jpeg', 'png', 'webp') if e in sample), None)
             if ext is None or 'txt' not in sample or (with_labels and 'cls' not in sample):
                 raise KeyError(f'{sample.get("__key__")}: missing image/caption/label, has {sorted(sample)}')
-            image = Image.open(io.BytesIO(sample[ext])).convert('RGB')  # convert() forces the full decode
+            image = load_image(io.BytesIO(sample[ext]))
             out = (transform(image), tokenizer([sample['txt'].decode('utf-8')])[0])
             if with_labels:
                 out += (int(sample['cls']),)

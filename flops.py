@@ -39,10 +39,9 @@ import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, einsum_flop_jit, get_shape,
                                    linear_flop_jit, matmul_flop_jit)
-from PIL import Image
 
 import data
-from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
+from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip, read_checkpoint
 from train_utils import boundary_confidence, segment_quality
 
 # -----------------------------------------------------------------------------------------------
@@ -140,10 +139,20 @@ def padded_gmacs(cfg, n_segments, padded_to):
 # -----------------------------------------------------------------------------------------------
 # The FLOP table
 
+@contextlib.contextmanager
+def user_error(what):
+    """A model, checkpoint or setting given on the command line that cannot be used: one line, no traceback."""
+    try:
+        yield
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"flops.py: {what}: {e.args[0] if e.args else e}") from None
+
+
 def base_config(model, image_size=None, pre_layers=None):
     """DTPConfig of the plain ViT with an OpenCLIP config's geometry (model.load_openclip's mapping)."""
     overrides = {k: v for k, v in dict(image_size=image_size, pre_layers=pre_layers).items() if v is not None}
-    return load_openclip(model, boundary='none', **overrides).visual.cfg
+    with user_error(f'--model {model}'):
+        return load_openclip(model, boundary='none', **overrides).visual.cfg
 
 
 def n_params(tower):
@@ -213,7 +222,7 @@ def load_tower(path, model, ratio=None, pre_layers=None, image_size=None):
     arguments, ...}; {'model': ..., 'config': DTPConfig fields under their own names (plus, optionally,
     `model`, an OpenCLIP config name, and `vision`, DTPConfig overrides)}; or an OpenCLIP-format file,
     whose DTP settings then come from the command line."""
-    ckpt = None if path.endswith('.safetensors') else torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and 'model' in ckpt and ('model_args' in ckpt or 'config' in ckpt):
         if 'model_args' in ckpt:
             arch = ckpt['model_args'].get('model_name', 'ViT-B-32')
@@ -237,7 +246,8 @@ def load_tower(path, model, ratio=None, pre_layers=None, image_size=None):
 @torch.no_grad()
 def checkpoint_rows(args, device):
     ratio = args.ratio[0] if args.ratio and len(args.ratio) == 1 else None
-    tower, arch = load_tower(args.checkpoint, args.model, ratio, args.pre_layers, args.image_size)
+    with user_error(f'--checkpoint {args.checkpoint}'):
+        tower, arch = load_tower(args.checkpoint, args.model, ratio, args.pre_layers, args.image_size)
     if args.eval_boundaries:
         tower.cfg.eval_boundaries = args.eval_boundaries
     tower = tower.to(device).eval()
@@ -253,8 +263,7 @@ def checkpoint_rows(args, device):
     for i in range(0, len(paths), args.batch_size):
         images = []
         for p in paths[i:i + args.batch_size]:
-            with Image.open(p) as im:
-                images.append(transform(im))
+            images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
         _, aux = tower(torch.stack(images).to(device))
         counts = aux['n_segments'].tolist()
         segments += counts
@@ -425,10 +434,21 @@ BENCH_COLUMNS = [
 
 # -----------------------------------------------------------------------------------------------
 
+def ratio(text):
+    """--ratio: patches per segment, a number >= 1 (1: one segment per patch)."""
+    try:
+        r = float(text)
+    except ValueError:
+        r = None
+    if r is None or not r >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a compression ratio: patches per segment, a number >= 1")
+    return r
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='ViT-B-32', help='OpenCLIP ViT config (default ViT-B-32)')
-    parser.add_argument('--ratio', type=float, nargs='+', help='compression ratios (default 1 2 4 10)')
+    parser.add_argument('--ratio', type=ratio, nargs='+', help='compression ratios (default 1 2 4 10)')
     parser.add_argument('--image-size', type=int, help="input resolution (default: the config's)")
     parser.add_argument('--pre-layers', type=int, help='full-length blocks before pooling (default 2)')
     parser.add_argument('--json', action='store_true', help='print the rows as one JSON list')

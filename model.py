@@ -17,15 +17,16 @@ original research code that the comments below refer to.
 import difflib
 import math
 import os
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Optional
 
 import open_clip
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from open_clip.factory import load_state_dict
 from open_clip.model import _build_text_tower, convert_to_custom_text_state_dict, resize_pos_embed
 from open_clip.transformer import QuickGELU
 
@@ -66,6 +67,10 @@ class DTPConfig:
             raise ValueError(f"DTPConfig: pre_layers={self.pre_layers}, short_layers={self.short_layers} must be >= 0")
         if not self.compression >= 1:
             raise ValueError(f"DTPConfig.compression={self.compression}: patches per segment must be >= 1")
+        if not self.temperature > 0:  # Gumbel-Sigmoid divides by it: 0 gives NaN, < 0 inverts the boundaries
+            raise ValueError(f"DTPConfig.temperature={self.temperature}: must be > 0")
+        if not self.position_prior >= 0:
+            raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
         if self.width % self.heads:
             raise ValueError(f"DTPConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -283,6 +288,16 @@ class Packing:
         return out.index_copy(0, self.index, tokens).view(self.batch, self.length, -1)
 
 
+def float32_call(module, x):
+    """module(x) computed in float32, also in a model cast to half precision (.half(), .to(torch.bfloat16)):
+    then its weights are upcast for the call, and gradients still reach them. float32 weights are used as
+    they are (a plain call, which also keeps fvcore's traced graph attributing the FLOPs to the module)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module(x.float())
+    weights = {name: p.float() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, weights, (x.float(),))
+
+
 # ----------------------------------------------------------------------------------------------
 
 class DTPViT(nn.Module):
@@ -331,9 +346,9 @@ class DTPViT(nn.Module):
             return fixed_boundaries(B, N, cfg.n_segments, patches.device), None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
-            logits = self.predictor(patches.float()).squeeze(-1)
+            logits = float32_call(self.predictor, patches).squeeze(-1)
             if cfg.position_prior > 0:
-                logits = logits + self.predictor.position_bias
+                logits = logits + self.predictor.position_bias.float()
         if self.training:
             if cfg.train_boundaries == 'topk':
                 return gumbel_topk(logits, cfg.n_segments, cfg.temperature), logits
@@ -354,8 +369,14 @@ class DTPViT(nn.Module):
         boundaries (B, N) and, when there is a predictor, boundary_logits (B, N), both in scan order
         (patch i of the scan is patch scan_order[i] of the grid).
         """
+        cfg = self.cfg
+        if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
+            # the convolution would run on any size: larger images silently lose their right and bottom edges
+            raise ValueError(f"DTPViT takes (B, 3, {cfg.image_size}, {cfg.image_size}) images, got "
+                             f"{tuple(images.shape)}; resize them to {cfg.image_size} px (or build the model with "
+                             f"that image_size)")
         x = self.embed(images)                                   # (B, 1 + N, D)
-        for block in self.transformer.resblocks[:self.cfg.pre_layers]:
+        for block in self.transformer.resblocks[:cfg.pre_layers]:
             x = block(x)
         x, packing, aux = self.segment(x, boundaries)            # (B, 1 + S, D), or (T, D) packed
         for block in self.transformer.resblocks[self.cfg.pre_layers:]:
@@ -474,15 +495,75 @@ def _checkpoint_file(model_name, pretrained):
             f"load_openclip({model_name!r}, '/path/to/open_clip_pytorch_model.bin')") from e
 
 
+# OpenAI's CLIP release stores these three hyperparameters as entries of the state dict; they are
+# not weights (OpenCLIP's build_model_from_openai_state_dict drops them too).
+_OPENAI_ENTRIES = ('input_resolution', 'context_length', 'vocab_size')
+
+
+def _is_torchscript(path):
+    """A TorchScript archive is a zip with a constants.pkl record (torch.jit.save's layout)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split('/', 1)[-1] == 'constants.pkl' for name in archive.namelist())
+
+
+def read_checkpoint(path):
+    """What a checkpoint file holds, on the CPU: a torch.save'd object (read with weights_only=True),
+    a .safetensors file, or a TorchScript archive (OpenAI's CLIP weights), read as its state dict.
+    A file none of these can read (empty, truncated, random bytes, text) is a ValueError naming it."""
+    path = str(path)
+    try:
+        if path.endswith('.safetensors'):
+            return safetensors.torch.load_file(path)
+        if _is_torchscript(path):
+            # torch.load(weights_only=True) refuses TorchScript archives, and torch.jit.load is their only
+            # reader. Only the archive's state dict is used, never its code (as OpenCLIP's load_openai_model).
+            return torch.jit.load(path, map_location='cpu').state_dict()
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        detail = (str(e).strip().splitlines() or [''])[0][:200]
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {detail}); expected a file "
+                         f"written by torch.save, safetensors or torch.jit.save") from e
+
+
+def _is_own_checkpoint(obj):
+    """A checkpoint written by this project's train_clip.py / train_cls.py."""
+    return isinstance(obj, dict) and 'model' in obj and 'model_args' in obj
+
+
+def _state_dict(obj, path):
+    """The weights of any checkpoint form that loads here, OpenCLIP's key names: a state dict (OpenCLIP hub
+    file; OpenAI's, whose extra entries are dropped), OpenCLIP's training checkpoint {'state_dict': ...},
+    or this project's ckpt.pt {'model': ...}; 'module.' (DDP) and '_orig_mod.' (torch.compile) prefixes
+    are removed. Returns it and whether it is OpenAI's (which holds the entries _OPENAI_ENTRIES)."""
+    if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
+        obj = obj['state_dict']
+    elif _is_own_checkpoint(obj):
+        obj = obj['model']
+    if not (isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values())):
+        raise ValueError(f"{path} holds no state dict of weights (found {type(obj).__name__}"
+                         f"{' with keys ' + str(list(obj)[:8]) if isinstance(obj, dict) else ''})")
+    state_dict = {}
+    for key, value in obj.items():
+        while key.startswith(('module.', '_orig_mod.')):
+            key = key.split('.', 1)[1]
+        state_dict[key] = value
+    openai = any(k in state_dict for k in _OPENAI_ENTRIES)
+    return {k: v for k, v in state_dict.items() if k not in _OPENAI_ENTRIES}, openai
+
+
 def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides) -> CLIP:
     """A DTP-ViT CLIP with the architecture of an OpenCLIP ViT config, e.g. 'ViT-B-32', 'ViT-B-16',
-    'ViT-L-14', 'ViT-B-32-quickgelu', and optionally its weights: `pretrained` is a local checkpoint
-    in OpenCLIP's format (.pt/.bin/.safetensors; raw or {'state_dict': ...}, 'module.' prefixes
-    allowed) or an OpenCLIP pretrained tag such as 'laion2b_s34b_b79k' (downloaded by open_clip).
+    'ViT-L-14', 'ViT-B-32-quickgelu', and optionally its weights: `pretrained` is a checkpoint file or an
+    OpenCLIP pretrained tag such as 'laion2b_s34b_b79k' or 'openai' (downloaded by open_clip). Files that
+    load: OpenCLIP's (.pt/.bin/.safetensors, raw or its training checkpoint {'state_dict': ...}, 'module.'
+    prefixes allowed), OpenAI's (TorchScript archive or state dict; these get QuickGELU, as trained), and
+    this project's own ckpt.pt from train_clip.py (built with the same settings as its run).
     overrides: any DTPConfig field (compression=10, boundary='none', pre_layers=3, width=256, ...);
     text: overrides of OpenCLIP's text_cfg (e.g. dict(width=256, layers=4, context_length=32)).
-    With weights, pre_layers + short_layers must be the checkpoint's depth; without, short_layers
-    defaults to the config's depth minus pre_layers and may be set freely."""
+    With weights, pre_layers + short_layers must be the checkpoint's depth (short_layers defaults to
+    it minus pre_layers); without, short_layers defaults to the config's depth minus pre_layers."""
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
@@ -497,16 +578,34 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides
         if key not in names:
             raise TypeError(f"load_openclip: unknown DTPConfig field {key!r}; "
                             f"close matches: {difflib.get_close_matches(key, names)}")
+    text_names = {f.name for f in fields(open_clip.CLIPTextCfg)}
+    for key in text or {}:
+        if key not in text_names:
+            raise ValueError(f"load_openclip: unknown text_cfg key {key!r} in text; "
+                             f"close matches: {difflib.get_close_matches(key, text_names)}")
 
     quick_gelu = cfg.get('quick_gelu', False)
-    if pretrained and not os.path.isfile(pretrained):  # OpenAI's weights need QuickGELU: follow the tag
-        quick_gelu = (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get('quick_gelu', quick_gelu)
     depth, width = vision['layers'], vision['width']
+    hint = ''
+    if pretrained:
+        path = _checkpoint_file(model_name, pretrained)
+        checkpoint = read_checkpoint(path)
+        state_dict, openai = _state_dict(checkpoint, path)
+        if _is_own_checkpoint(checkpoint):
+            hint = (f"; {path} is a checkpoint of this project's training scripts, built with "
+                    f"{checkpoint['model_args']}: use the same settings (train_cls.py checkpoints hold no text "
+                    f"tower), or continue its run with init_from='resume' and its out_dir")
+        if openai:
+            quick_gelu = True  # OpenAI's CLIP weights (archive or state dict) were trained with QuickGELU
+        elif not os.path.isfile(pretrained):  # a tag: OpenCLIP's pretrained config says which activation
+            quick_gelu = (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get('quick_gelu', quick_gelu)
+        # The checkpoint's own depth: this project's checkpoints are often shallower than the config.
+        depth = len({k.split('.')[3] for k in state_dict if k.startswith('visual.transformer.resblocks.')}) or depth
     pre_layers = overrides.pop('pre_layers', 2)
     short_layers = overrides.pop('short_layers', depth - pre_layers)
     if pretrained and pre_layers + short_layers != depth:
         raise ValueError(f"pre_layers ({pre_layers}) + short_layers ({short_layers}) must equal the depth "
-                         f"of the {model_name} checkpoint ({depth} blocks)")
+                         f"of the checkpoint {path} ({depth} blocks){hint}")
     image_size = vision.get('image_size', 224)
     vision_cfg = DTPConfig(**{
         **dict(image_size=image_size if isinstance(image_size, int) else image_size[0],
@@ -517,18 +616,31 @@ def load_openclip(model_name='ViT-B-32', pretrained=None, text=None, **overrides
         **overrides})
     model = CLIP(vision_cfg, {**cfg['text_cfg'], **(text or {})})
     if pretrained:
-        load_checkpoint(model, _checkpoint_file(model_name, pretrained))
+        _load_weights(model, state_dict, path, hint)
     return model
 
 
 def load_checkpoint(model: CLIP, path):
-    """Load an OpenCLIP checkpoint file into a DTP-ViT CLIP. Every weight must find its place: a key
-    of the checkpoint that the model lacks, or a weight of the model (other than the boundary
-    predictor, which OpenCLIP does not have) that the checkpoint lacks, is an error naming it."""
-    state_dict = load_state_dict(path)  # weights_only=True; handles safetensors and 'module.'
+    """Load a checkpoint file (any form load_openclip reads) into a DTP-ViT CLIP of the same architecture."""
+    _load_weights(model, _state_dict(read_checkpoint(path), path)[0], path)
+
+
+def _load_weights(model, state_dict, path, hint=''):
+    """Every weight must find its place: a key of the checkpoint that the model lacks, a weight of the
+    model (other than the boundary predictor, which OpenCLIP does not have) that the checkpoint lacks,
+    or a shape that differs, is an error naming them."""
     state_dict = convert_to_custom_text_state_dict(state_dict)  # CLIP's flat text keys -> text.*
     resize_pos_embed(state_dict, model)  # only acts when the image size differs from the checkpoint's
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.startswith('visual.predictor.')]
-    if missing or unexpected:
-        raise KeyError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    if not hasattr(model.visual, 'predictor'):  # a DTP checkpoint run as a plain ViT or with fixed pooling
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('visual.predictor.')}
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state_dict and not k.startswith('visual.predictor.')]
+    unexpected = [k for k in state_dict if k not in ours]
+    shapes = [f'{k} {list(v.shape)} vs {list(ours[k].shape)}' for k, v in state_dict.items()
+              if k in ours and v.shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        def some(keys):  # a few names, not the thousands of a whole mismatched architecture
+            return f"{keys[:5]}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
+        raise KeyError(f"checkpoint {path} does not match the model: missing {some(missing)}, unexpected "
+                       f"{some(unexpected)}, shapes (checkpoint vs model) {some(shapes)}{hint}")
+    model.load_state_dict(state_dict, strict=False)

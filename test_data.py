@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -335,3 +336,28 @@ def test_object_masks_are_only_given_for_shapes_val_images(shapes, tmp_path):
     other.mkdir(parents=True)
     Image.new('RGB', (32, 32)).save(other / 'photo.jpg')
     assert data.shapes_object_patches([str(other / 'photo.jpg')], transform, 4) is None
+
+
+def to_tensor(image):
+    """PIL RGB image -> uint8 (3, H, W), the decoded pixels themselves."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path, tokenizer):
+    """A 16-bit greyscale PNG (PIL mode 'I;16') used to be clipped to all white by convert('RGB')."""
+    levels = np.arange(0, 65536, 257 * 17, dtype=np.uint16)  # 0, 4369, ..., 65535: 8-bit 0, 17, ..., 255
+    pixels = np.tile(levels, (16, 1))
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format='PNG')
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith('I')
+    expected = torch.tensor(levels // 257, dtype=torch.uint8).expand(16, -1)
+
+    (tmp_path / 'folder' / 'train' / 'grey').mkdir(parents=True)  # ImageFolder
+    (tmp_path / 'folder' / 'train' / 'grey' / 'a.png').write_bytes(buf.getvalue())
+    image = to_tensor(data.imagenet_dataset(tmp_path / 'folder', 'train')[0][0])
+    assert torch.equal(image, expected.expand(3, -1, -1))
+
+    write_tar(tmp_path / 'shard.tar', [('a', dict(png=buf.getvalue(), txt=b'a grey ramp'))])  # webdataset shard
+    images, _, _ = collect(data.wds_loader(str(tmp_path / 'shard.tar'), to_tensor, tokenizer, 1, train=False,
+                                           workers=0))
+    assert torch.equal(images[0], expected.expand(3, -1, -1))

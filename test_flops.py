@@ -109,7 +109,7 @@ def test_json_cli():
                          capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     assert [(r['arch'], r['pooling'], r['ratio'], r['tokens']) for r in rows] == [
-        ('ViT-B-32', 'none', 1.0, 50), ('ViT-B-32', 'dtp', 4.0, 14)]
+        ('ViT-B-32', 'none', 1.0, 50), ('ViT-B-32', 'dtp', 4.0, 13)]  # 1 + round(49 / 4)
     assert all({'gmacs', 'params'} <= r.keys() for r in rows)
     assert rows[0]['gmacs'] == pytest.approx(4.41, rel=0.005) and rows[1]['gmacs'] < rows[0]['gmacs']
 
@@ -222,3 +222,17 @@ def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
     _, dtp, _ = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', f'{root}/val', '--json'])
     assert 0 <= dtp['segment_purity'] <= 1 and 0 < dtp['object_tokens'] <= 1
     assert dtp['boundary_prob_std'] >= 0 and 'boundary_margin' in dtp
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--ratio', '0'], "'0' is not a compression ratio"),
+    (['--ratio', '4', '-2'], "'-2' is not a compression ratio"),
+    (['--model', 'RN50'], 'RN50 is not a plain OpenCLIP ViT'),
+    (['--model', 'ViT-B-23'], "unknown OpenCLIP model 'ViT-B-23'"),
+    (['--checkpoint', 'README.md', '--data', '.'], 'README.md is not a readable checkpoint'),
+])
+def test_bad_arguments_are_one_line_errors(args, message):
+    proc = subprocess.run([sys.executable, 'flops.py', *args], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr

@@ -1,4 +1,5 @@
 """Tests of model.py. Real ViT-B-32 shapes where a test is about ViT-B-32, tiny configs elsewhere."""
+import copy
 import math
 
 import open_clip
@@ -90,10 +91,98 @@ def test_loader_maps_every_weight_and_names_what_is_wrong(openclip_b32, tmp_path
     assert len(small.visual.transformer.resblocks) == 3 and small.text.context_length == 16
     with pytest.raises(TypeError, match=r"compresion.*compression"):
         load_openclip('ViT-B-32', compresion=4)
+    with pytest.raises(ValueError, match=r"unknown text_cfg key 'contxt_length'.*context_length"):
+        load_openclip('ViT-B-32', text=dict(contxt_length=16))
     with pytest.raises(ValueError, match=r'ViT-B-32'):
         load_openclip('ViT-B-23')
     with pytest.raises(FileNotFoundError, match=r'neither a file nor an OpenCLIP tag'):
         load_openclip('ViT-B-32', 'no_such_tag_or_file')
+
+
+class _Holder(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_torchscript_archive(state_dict, path):
+    """A TorchScript archive whose state dict is `state_dict`, as OpenAI's released CLIP files are (their
+    code is a traced CLIP; only the state dict is ever read)."""
+    root = _Holder()
+    for key, value in state_dict.items():
+        module, (*parents, leaf) = root, key.split('.')
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, _Holder())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value)
+    torch.jit.script(root).save(str(path))
+
+
+@pytest.fixture(scope='module')
+def openai_b32(tmp_path_factory):
+    """OpenAI-format ViT-B-32 weights made here: a perturbed random QuickGELU CLIP, its linear and conv
+    weights in fp16 as in OpenAI's release, plus the release's three extra entries; saved as a TorchScript
+    archive (what pretrained='openai' downloads) and as a plain state dict."""
+    torch.manual_seed(1)
+    ref = open_clip.create_model('ViT-B-32-quickgelu')
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    open_clip.model.convert_weights_to_fp16(ref)
+    state_dict = dict(ref.state_dict(), input_resolution=torch.tensor(224), context_length=torch.tensor(77),
+                      vocab_size=torch.tensor(49408))
+    d = tmp_path_factory.mktemp('openai')
+    save_torchscript_archive(state_dict, d / 'ViT-B-32.pt')
+    torch.save(state_dict, d / 'state_dict.pt')
+    return d
+
+
+@pytest.mark.parametrize('fmt', ['ViT-B-32.pt', 'state_dict.pt'])
+def test_openai_weights_reproduce_openclip(openai_b32, fmt):
+    path = str(openai_b32 / fmt)
+    ref = open_clip.load_openai_model(path, device='cpu').eval()  # OpenCLIP's own loader of these files
+    model = load_openclip('ViT-B-32', path, boundary='none').eval()
+    assert model.visual.cfg.quick_gelu  # as OpenAI trained them, though 'ViT-B-32' says GELU
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    texts = open_clip.get_tokenizer('ViT-B-32')(['a dog', 'a small red circle'])
+    with torch.no_grad():
+        assert (model.encode_image(images) - ref.encode_image(images)).abs().max() <= 1e-5
+        assert (model.encode_text(texts) - ref.encode_text(texts)).abs().max() <= 1e-5
+        assert ref.encode_image(images).abs().max() > 1
+
+
+@pytest.mark.parametrize('content', [b'', b'PK\x03\x04 truncated', bytes(range(256)) * 4, b'not a checkpoint\n'])
+def test_unreadable_checkpoint_names_the_file(tmp_path, content, openclip_b32):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{bad} is not a readable checkpoint"):
+        load_openclip('ViT-B-32', str(bad))
+    truncated = tmp_path / 'truncated.pt'  # a real checkpoint cut short, as by a full disk
+    truncated.write_bytes((openclip_b32[0] / 'raw.pt').read_bytes()[:100000])
+    with pytest.raises(ValueError, match=rf"{truncated} is not a readable checkpoint"):
+        load_openclip('ViT-B-32', str(truncated))
+
+
+def test_own_training_checkpoint_loads_as_pretrained(tmp_path):
+    """A train_clip.py ckpt.pt given as pretrained: its weights load into a model with its settings
+    (here 1 + 1 blocks of an OpenCLIP ViT-B-32, not the config's 12); other settings are told what to do."""
+    args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1, context_length=16),
+                image_size=32, patch_size=8, width=32, heads=2, embed_dim=16, pre_layers=1, short_layers=1)
+    torch.manual_seed(0)
+    trained = load_openclip(**args)
+    path = tmp_path / 'ckpt.pt'
+    torch.save(dict(model=trained.state_dict(), optimizer={}, step=3, config={}, model_args=args), path)
+    loaded = load_openclip(**{**args, 'pretrained': str(path)})
+    for k, v in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    plain = load_openclip(**{**args, 'pretrained': str(path), 'boundary': 'none'})  # drops the predictor
+    assert torch.equal(plain.visual.proj, trained.visual.proj)
+    with pytest.raises(KeyError, match=r"shapes.*visual\.conv1\.weight.*init_from='resume'") as e:
+        load_openclip(**{**args, 'pretrained': str(path), 'width': 64})
+    assert len(str(e.value)) < 2000  # a few names, not every key of the model
+    with pytest.raises(ValueError, match=r'depth of the checkpoint .*ckpt\.pt \(2 blocks\)'):
+        load_openclip(**{**args, 'pretrained': str(path), 'short_layers': 3})
 
 
 def test_pretrained_tag_offline_asks_for_a_local_file(monkeypatch):
@@ -302,6 +391,27 @@ def test_mixed_precision_forward_backward_is_finite(dtype):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_half_precision_model_runs_its_predictor_in_float32(dtype):
+    """A gumbel model cast with .half() / .to(torch.bfloat16) runs (train and eval, forward and backward), and
+    its predictor still computes in float32: the logits are those of a float32 copy of it, bit for bit."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny()).to(dtype)
+    inputs = []
+    vit.predictor.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    images = torch.randn(4, 3, 32, 32).to(dtype)
+    for train in (False, True):
+        features, aux = vit.train(train)(images)
+        assert features.dtype == dtype and torch.isfinite(features).all()
+        assert inputs[-1].dtype == torch.float32
+        with torch.no_grad():
+            expected = copy.deepcopy(vit.predictor).float()(inputs[-1]).squeeze(-1)
+        assert aux['boundary_logits'].dtype == torch.float32 and torch.equal(aux['boundary_logits'], expected)
+    (features.float().square().mean() + aux['boundary_loss']).backward()
+    for name, p in vit.named_parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all(), name
+
+
 # CLIP wrapper ---------------------------------------------------------------------------------
 
 def test_clip_forward_returns_what_a_training_step_needs():
@@ -471,3 +581,19 @@ def test_position_prior_starts_as_fixed_pooling_and_learns():
     features.square().sum().backward()
     assert vit.predictor.position_bias.grad.abs().sum() > 0
     assert 'predictor.position_bias' in dict(vit.named_parameters())  # new weights, like the predictor's
+
+
+@pytest.mark.parametrize('temperature', [0.0, -0.5])
+def test_temperature_must_be_positive(temperature):
+    with pytest.raises(ValueError, match=r'DTPConfig\.temperature=.*must be > 0'):
+        DTPConfig(temperature=temperature)
+
+
+@pytest.mark.parametrize('size', [35, 28, 64])
+def test_images_of_the_wrong_size_are_refused(size):
+    """35 px into a 32 px model of 8 px patches used to be cropped silently to 32 px; 28 px gave 9 patches."""
+    vit = DTPViT(tiny(patch_size=8)).eval()
+    with pytest.raises(ValueError, match=rf'takes \(B, 3, 32, 32\) images, got \(2, 3, {size}, {size}\)'):
+        vit(torch.randn(2, 3, size, size))
+    with pytest.raises(ValueError, match=r'takes \(B, 3, 32, 32\) images'):
+        vit(torch.randn(3, 32, 32))  # a single image without its batch dimension

@@ -96,8 +96,8 @@ def test_eval_only_reproduces_openclip_zero_shot(tmp_path):
     ckpt = str(tmp_path / 'openclip.pt')
     torch.save(ref.state_dict(), ckpt)
     out = str(tmp_path / 'eval')
-    proc = run(f'--out_dir={out}', f'--init_from={ckpt}', '--eval_only=True', '--boundary=none', "--vision={'image_size': 64}",
-               '--text={}', '--pre_layers=2', '--short_layers=10', '--workers=0')
+    proc = run(f'--out_dir={out}', f'--init_from={ckpt}', '--eval_only=True', '--boundary=none', '--vision=None',
+               "--vision={'image_size': 64}", '--text=None', '--pre_layers=2', '--short_layers=10', '--workers=0')
     assert 'zeroshot_top1' in proc.stdout and 'zeroshot_top5' in proc.stdout
     ours = [r for r in records(out) if 'zeroshot_top1' in r][-1]
 
@@ -127,3 +127,51 @@ def test_bad_config_and_missing_data_fail_clearly(tmp_path):
     assert proc.returncode != 0 and '/nonexistent/cc12m/00000.tar' in proc.stderr and 'img2dataset' in proc.stderr
     proc = run(TINY, f'--out_dir={tmp_path}', "--imagenet_val=/nonexistent/imagenet/val", check=False)
     assert proc.returncode != 0 and '/nonexistent/imagenet/val' in proc.stderr and 'n01440764' in proc.stderr
+    # one entry point per setting: a DTP setting inside vision is refused, not silently overridden
+    proc = run(TINY, f'--out_dir={tmp_path}', "--vision={'compression': 10.0}", check=False)
+    assert proc.returncode != 0 and "vision['compression']" in proc.stderr and '--compression=' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(b'')  # e.g. a disk that filled up
+    proc = run(TINY, f'--out_dir={out}', '--init_from=resume', check=False)
+    assert proc.returncode != 0 and f'{out}/ckpt.pt is not a readable checkpoint' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    notes = tmp_path / 'weights.bin'
+    notes.write_text('download the weights from the wiki\n')
+    proc = run(TINY, f'--out_dir={tmp_path / "other"}', f'--init_from={notes}', check=False)
+    assert proc.returncode != 0 and f'{notes} is not a readable checkpoint' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+
+
+def test_own_checkpoint_as_init_from(tmp_path):
+    """A finished run's ckpt.pt as init_from (not 'resume'): its weights, so eval_only reproduces the run's
+    final zero-shot numbers, in train_clip.py and as the zero-shot head of train_cls.py."""
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10')
+    final = [r for r in records(out) if 'zeroshot_top1' in r][-1]
+    ckpt = os.path.join(out, 'ckpt.pt')
+    again = str(tmp_path / 'again')
+    run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True')
+    assert [r for r in records(again) if 'zeroshot_top1' in r][-1]['zeroshot_top1'] == final['zeroshot_top1']
+    cls = str(tmp_path / 'cls')
+    proc = subprocess.run([sys.executable, 'train_cls.py', 'config/shapes_cls_tiny.py', f'--out_dir={cls}',
+                           f'--init_from={ckpt}', '--eval_only=True'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r for r in records(cls) if 'val_top1' in r][-1]['val_top1'] == pytest.approx(final['zeroshot_top1'])
+    proc = run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True', '--short_layers=2', check=False)
+    assert proc.returncode != 0 and "init_from='resume'" in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_command_line_pairs_win_over_files_and_merge_into_vision(tmp_path):
+    """Pairs placed before the config file still override it, and --vision changes only the keys it names
+    (replaced, it used to give the 224 px, width-768 ViT-B-32 tower)."""
+    out = str(tmp_path / 'run')
+    run("--vision={'image_size': 48}", '--max_steps=2', TINY, f'--out_dir={out}', '--log_interval=1')
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 2  # not the file's max_steps=20
+    args = ckpt['model_args']
+    assert (args['image_size'], args['patch_size'], args['width'], args['predictor_hidden']) == (48, 8, 32, 32)

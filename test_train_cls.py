@@ -87,11 +87,12 @@ def test_zeroshot_head_reproduces_the_zero_shot_classifier(tmp_path):
     assert ours['val_top1'] == pytest.approx(100 * (top5[:, 0] == labels).float().mean().item())
     assert ours['val_top5'] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
 
-    # zero epochs: the checkpoint holds the initial classifier; its architecture comes back from model_args
+    # one step at lr 0 (zero steps is refused): the checkpoint holds the initial classifier; its architecture
+    # comes back from model_args
     initial = str(tmp_path / 'initial')
-    run(*args, '--boundary=none', '--epochs=0', f'--out_dir={initial}')
+    run(*args, '--boundary=none', '--max_steps=1', '--lr=0', f'--out_dir={initial}')
     ckpt = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
-    assert ckpt['step'] == 0 and ckpt['n_classes'] == 30
+    assert ckpt['step'] == 1 and ckpt['n_classes'] == 30
     visual = load_openclip(**ckpt['model_args']).visual.eval()
     visual.load_state_dict({k[7:]: v for k, v in ckpt['model'].items() if k.startswith('visual.')})
     with torch.no_grad():
@@ -108,9 +109,9 @@ def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
     args += ['--boundary=gumbel', '--compression=4.0']
     pretrained = ref.state_dict()
     initial, trained = str(tmp_path / 'initial'), str(tmp_path / 'trained')
-    # zero epochs of finetuning: the initial weights (the seed fixes the new head and predictor) and the
+    # one step of finetuning at lr 0: the initial weights (the seed fixes the new head and predictor) and the
     # finetuning optimizer, whose pretrained weights train at lr * backbone_lr_scale
-    run(*args, '--epochs=0', '--backbone_lr_scale=0.1', f'--out_dir={initial}')
+    run(*args, '--max_steps=1', '--lr=0', '--backbone_lr_scale=0.1', f'--out_dir={initial}')
     before = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
     n_pretrained = len([k for k in pretrained if k.startswith('visual.')])
     n_params = Counter()
@@ -172,3 +173,5 @@ def test_missing_imagenet_fails_clearly(tmp_path):
     proc = run(TINY, f'--out_dir={tmp_path}', '--data_dir=/nonexistent/imagenet', check=False)
     assert proc.returncode != 0 and '/nonexistent/imagenet/train' in proc.stderr and 'n01440764' in proc.stderr
     assert 'Traceback' not in proc.stderr  # a message, not a crash
+    proc = run(TINY, f'--out_dir={tmp_path}', '--temperature=0', check=False)  # a NaN loss, once
+    assert proc.returncode != 0 and 'temperature=0.0: must be > 0' in proc.stderr and 'Traceback' not in proc.stderr

@@ -1,8 +1,10 @@
 """Tests of train_utils.py: the configurator and the shared training plumbing."""
+import traceback
+
 import pytest
 import torch
 
-from train_utils import (boundary_confidence, configure, cosine_lr, param_groups, save_checkpoint,
+from train_utils import (boundary_confidence, check_settings, configure, cosine_lr, param_groups, save_checkpoint,
                          segment_quality)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
@@ -99,3 +101,73 @@ def test_boundary_confidence_on_hand_made_probabilities():
     assert c['prob_std'] == pytest.approx(0.4 + 0.0, abs=1e-6)  # the last patch is left out
     assert c['images_with_margin'] == 2
     assert c['margin'] == pytest.approx((0.9 - 0.1) + 0.0, abs=1e-6)
+
+
+DEMO = dict(DEFAULTS, vision=dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128),
+            text=dict(width=128, heads=4, layers=2, context_length=32))
+
+
+def test_dicts_are_merged_into_the_defaults(tmp_path):
+    config = configure(DEMO, ["--vision={'image_size': 64}"])
+    assert config['vision'] == dict(DEMO['vision'], image_size=64)  # not a 224 px, width-768 tower
+    conf = tmp_path / 'c.py'
+    conf.write_text("text = dict(layers=4)\n")
+    assert configure(DEMO, [str(conf)])['text'] == dict(DEMO['text'], layers=4)
+    # None clears a dict (the OpenCLIP architecture's own sizes); later pairs merge into what is left
+    assert configure(DEMO, ['--vision=None', "--vision={'image_size': 64}"])['vision'] == {'image_size': 64}
+    assert configure(DEMO, ['--text=None'])['text'] is None
+    with pytest.raises(SystemExit, match=r"vision=\{\} changes nothing.*vision=None"):
+        configure(DEMO, ['--vision={}'])
+
+
+def test_command_line_pairs_apply_after_every_file(tmp_path):
+    conf = tmp_path / 'c.py'
+    conf.write_text("batch_size = 32\nlr = 1e-3\n")
+    config = configure(DEFAULTS, ['--batch_size=8', str(conf), '--lr=0.1'])
+    assert config['batch_size'] == 8 and config['lr'] == 0.1
+
+
+def test_a_config_file_that_raises_is_named_above_its_traceback(tmp_path, capsys):
+    conf = tmp_path / 'broken.py'
+    conf.write_text("batch_size = 32\nlr = 1 / 0\n")
+    with pytest.raises(ZeroDivisionError) as e:
+        configure(DEFAULTS, [str(conf)])
+    assert f'config file {conf}' in capsys.readouterr().err
+    assert traceback.extract_tb(e.value.__traceback__)[-1][:2] == (str(conf), 2)  # the traceback still points at it
+
+
+SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layers=4, boundary='gumbel',
+                compression=4.0, temperature=0.5, eval_boundaries='topk', pool='cls', batch_size=128, epochs=16,
+                max_steps=0, lr=2e-3, min_lr=1e-5, warmup_steps=100, log_interval=10, eval_interval=0,
+                ckpt_interval=250, precision='bf16', eval_only=False)
+
+
+@pytest.mark.parametrize('change, message', [
+    (dict(vision={'compression': 10.0}), r"vision\['compression'\]: compression is a setting of its own; set it as "
+                                         r"--compression="),
+    (dict(vision={'pre_layers': 3}), r"vision\['pre_layers'\].*--pre_layers="),
+    (dict(vision={'widht': 64}), r"vision\['widht'\]: no such DTPConfig field; did you mean 'width'"),
+    (dict(text={'context_len': 32}), r"text\['context_len'\]: no such OpenCLIP text_cfg key; did you mean "
+                                      r"'context_length'"),
+    (dict(temperature=0.0), r'temperature=0.0: must be > 0'),
+    (dict(temperature=-1.0), r'temperature=-1.0: must be > 0'),
+    (dict(compression=0.5), r'compression=0.5'),
+    (dict(precision='fp8'), r"precision='fp8': expected 'bf16', 'fp16' or 'fp32'"),
+    (dict(batch_size=0), r'batch_size=0: must be >= 1'),
+    (dict(lr=-1e-3), r'lr=-0.001: must be >= 0'),
+    (dict(log_interval=0), r'log_interval=0: must be >= 1'),
+    (dict(ckpt_interval=0), r'ckpt_interval=0: must be >= 1'),
+    (dict(epochs=0, max_steps=0), r'epochs=0 and max_steps=0: nothing to train'),
+])
+def test_settings_that_would_fail_later_are_refused_up_front(change, message):
+    check_settings(SETTINGS)  # the defaults pass
+    with pytest.raises(SystemExit, match=r'config error: ' + message):
+        check_settings(dict(SETTINGS, **change))
+
+
+def test_out_dir_that_is_a_file_is_refused(tmp_path):
+    check_settings(dict(SETTINGS, out_dir=str(tmp_path / 'new')))  # a directory to be created is fine
+    (tmp_path / 'notes.txt').write_text('')
+    with pytest.raises(SystemExit, match=r"out_dir=.*notes\.txt' is a file"):
+        check_settings(dict(SETTINGS, out_dir=str(tmp_path / 'notes.txt')))
+    check_settings(dict(SETTINGS, epochs=0, max_steps=0, eval_only=True))  # evaluating needs no steps

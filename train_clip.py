@@ -22,10 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import load_openclip
-from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
-                         peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
-                         sync, teardown_distributed, unwrap)
+from train_utils import (autocast, check_settings, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl,
+                         param_groups, peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint,
+                         save_segments_png, setup_distributed, sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -43,8 +42,8 @@ imagenet_val = None         # ImageNet val folder (one sub-folder per class) for
 workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
 model = 'ViT-B-32'          # OpenCLIP config name of both towers
-vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
-text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides ({}: none)
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
+text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
 boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
@@ -71,6 +70,7 @@ compile = False             # torch.compile the model
 seed = 0
 # -----------------------------------------------------------------------------------------------
 config = configure({k: globals()[k] for k in config_keys(globals())})
+check_settings(config)
 globals().update(config)
 
 rank, world_size, device = setup_distributed()
@@ -103,7 +103,7 @@ elif not eval_only:
                          f"(expected img2dataset output, e.g. '/data/cc12m/{{00000..01242}}.tar')")
 
 # model -----------------------------------------------------------------------------------------
-dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
+dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
            eval_boundaries=eval_boundaries, pool=pool, scan=scan,
            train_boundaries=train_boundaries, position_prior=position_prior)
 if short_layers is not None:
@@ -114,11 +114,11 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
     model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
 else:
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
-clip = load_openclip(**model_args)
+clip = load_model(model_args)
 model_args['pretrained'] = None  # weights come from the checkpoint from now on
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])

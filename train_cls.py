@@ -27,10 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import load_openclip
-from train_utils import (autocast, config_keys, configure, cosine_lr, evaluate, log_jsonl, param_groups,
-                         peak_memory_gb, replica_checksums, save_checkpoint, save_segments_png, setup_distributed,
-                         sync, teardown_distributed, unwrap)
+from train_utils import (autocast, check_settings, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl,
+                         param_groups, peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint,
+                         save_segments_png, setup_distributed, sync, teardown_distributed, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -46,7 +45,7 @@ data_dir = 'shapes'         # 'shapes' (built-in, generated on first use) or an 
 workers = 0                 # dataloader processes per GPU (0 for the demo: on 2 cores, workers slow the model)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo (as in train_clip.py)
 model = 'ViT-B-32'          # OpenCLIP config name
-vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides ({}: none)
+vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrides; the text tower is only
                             # used to build a zero-shot head, and dropped afterwards
 pre_layers = 2              # full-length blocks before pooling
@@ -79,6 +78,7 @@ compile = False             # torch.compile the model
 seed = 0
 # -----------------------------------------------------------------------------------------------
 config = configure({k: globals()[k] for k in config_keys(globals())})
+check_settings(config)
 globals().update(config)
 if head_init not in ('auto', 'zeroshot', 'random'):
     raise SystemExit(f"config error: head_init={head_init!r}, expected 'auto', 'zeroshot' or 'random'")
@@ -131,17 +131,17 @@ if init_from == 'resume':
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    ckpt = read_checkpoint(ckpt_path)
     model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
 else:
-    dtp = dict(vision, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
+    dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
                eval_boundaries=eval_boundaries, pool=pool, scan=scan,
                train_boundaries=train_boundaries, position_prior=position_prior)
     if short_layers is not None:
         dtp['short_layers'] = short_layers
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
     pretrained = init_from != 'scratch'
-clip = load_openclip(**model_args)
+clip = load_model(model_args)
 model_args['pretrained'] = None  # weights come from the checkpoint from now on
 net = Classifier(clip.visual, len(train_set.classes)).to(device)
 if ckpt is not None:

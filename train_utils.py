@@ -4,6 +4,7 @@ setup, atomic checkpoints, the learning-rate schedule, AdamW parameter groups an
 """
 import ast
 import contextlib
+import dataclasses
 import difflib
 import json
 import math
@@ -11,14 +12,19 @@ import os
 import sys
 from collections import defaultdict
 
+import open_clip
 import torch
 import torch.distributed as dist
+
+import model as dtp_vit
 
 
 # ----------------------------------------------------------------------------------------------
 # Configuration, as nanoGPT's configurator: a script's globals are the defaults; positional
-# arguments are Python files executed in order; then --key=value pairs, literal-evaluated.
-# A key that is not a default, or a value of another type, stops the run before anything starts.
+# arguments are Python files executed in order; then --key=value pairs, literal-evaluated, in order,
+# wherever they stand among the files. A dict setting (vision, text) is merged key by key into the
+# current one; None clears it. A key that is not a default, or a value of another type, stops the run
+# before anything starts.
 
 def config_keys(namespace):
     """The configurable globals of a script: plain values whose names do not start with '_'."""
@@ -42,18 +48,36 @@ def _check(config, key, value, source):
                      f"expected a {type(default).__name__} like the default {default!r}")
 
 
+def _set(config, key, value, source):
+    value = _check(config, key, value, source)
+    if isinstance(value, dict):
+        # Merged, so that --vision="{'image_size': 64}" changes the image size and nothing else. Replacing
+        # the dict silently dropped the other overrides, and {} no longer means "none": refuse it.
+        if not value:
+            raise SystemExit(f"config error ({source}): {key}={{}} changes nothing ({key} is merged key by key "
+                             f"into the current value); {key}=None clears it")
+        value = {**(config[key] or {}), **value}
+    config[key] = value
+
+
 def configure(config, argv=None):
     """Return config (a dict of defaults) updated by the config files and --key=value overrides in argv."""
     config = dict(config)
-    for arg in sys.argv[1:] if argv is None else argv:
+    args = sys.argv[1:] if argv is None else argv
+    # Files first, then the pairs: a pair placed before a file would otherwise be overridden by it.
+    for arg in [a for a in args if not a.startswith('--')] + [a for a in args if a.startswith('--')]:
         if not arg.startswith('--'):
             if not os.path.isfile(arg):
                 raise SystemExit(f"config error: no config file {arg!r}")
             namespace = dict(config)
-            exec(compile(open(arg).read(), arg, 'exec'), namespace)
+            try:
+                exec(compile(open(arg).read(), arg, 'exec'), namespace)
+            except Exception:  # the traceback points into the file; this line says which file it is
+                print(f"config error: config file {arg} raised an exception (traceback below)", file=sys.stderr)
+                raise
             for key in config_keys(namespace):
                 if key not in config or namespace[key] is not config[key]:
-                    config[key] = _check(config, key, namespace[key], arg)
+                    _set(config, key, namespace[key], arg)
         else:
             key, eq, value = arg[2:].partition('=')
             if not eq:
@@ -62,8 +86,69 @@ def configure(config, argv=None):
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 pass  # a bare word: keep it as a string, e.g. --out_dir=out/run1
-            config[key] = _check(config, key, value, arg)
+            _set(config, key, value, arg)
     return config
+
+
+# The settings of DTPConfig that both training scripts take as globals of their own.
+DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
+               'scan', 'train_boundaries', 'position_prior')
+
+
+def check_settings(config):
+    """Refuse, before anything starts, settings that would fail deep inside a run or silently misbehave.
+    Shared by train_clip.py and train_cls.py (keys one script lacks are skipped)."""
+    def refuse(message):
+        raise SystemExit(f'config error: {message}')
+
+    fields = {f.name for f in dataclasses.fields(dtp_vit.DTPConfig)}
+    for key in ('vision', 'text'):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            refuse(f'{key}={config[key]!r}: expected a dict of overrides or None')
+    text_fields = {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)}
+    for key, names, what in (('vision', fields, 'DTPConfig field'), ('text', text_fields, 'OpenCLIP text_cfg key')):
+        for name in config.get(key) or {}:
+            if name in DTP_GLOBALS:  # one entry point per setting
+                refuse(f"{key}[{name!r}]: {name} is a setting of its own; set it as --{name}=... "
+                       f"(or {name} = ... in a config file), not inside {key}")
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=3)
+                refuse(f"{key}[{name!r}]: no such {what}" + (f"; did you mean {' or '.join(map(repr, close))}?"
+                                                            if close else f'; expected one of {sorted(names)}'))
+    try:  # the pooling settings, checked by DTPConfig itself
+        dtp_vit.DTPConfig(**{k: config[k] for k in DTP_GLOBALS if config.get(k) is not None})
+    except ValueError as e:  # its messages name DTPConfig's fields, which here are the script's settings
+        refuse(str(e).replace('DTPConfig.', '').replace('DTPConfig: ', ''))
+    if config.get('precision') not in ('bf16', 'fp16', 'fp32'):
+        refuse(f"precision={config.get('precision')!r}: expected 'bf16', 'fp16' or 'fp32'")
+    for key, low in (('batch_size', 1), ('log_interval', 1), ('ckpt_interval', 1), ('eval_interval', 0),
+                     ('epochs', 0), ('max_steps', 0), ('warmup_steps', 0), ('lr', 0), ('min_lr', 0)):
+        if key in config and not config[key] >= low:
+            refuse(f'{key}={config[key]!r}: must be >= {low}')
+    if not config.get('eval_only') and not config.get('epochs') and not config.get('max_steps'):
+        refuse('epochs=0 and max_steps=0: nothing to train; set epochs or max_steps (or eval_only=True)')
+    if os.path.exists(config['out_dir']) and not os.path.isdir(config['out_dir']):
+        refuse(f"out_dir={config['out_dir']!r} is a file, not a directory; choose another out_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints and models, with what a user got wrong stopping the run in one line, not a traceback
+
+def read_checkpoint(path):
+    """model.read_checkpoint: what a checkpoint file holds; an unreadable file stops the run naming it."""
+    try:
+        return dtp_vit.read_checkpoint(path)
+    except ValueError as e:
+        raise SystemExit(f'checkpoint error: {e}')
+
+
+def load_model(model_args):
+    """model.load_openclip(**model_args); a checkpoint it cannot read or that does not fit the settings
+    stops the run with load_openclip's message (which names the file)."""
+    try:
+        return dtp_vit.load_openclip(**model_args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"config error: {e.args[0] if e.args else e}")
 
 
 # ----------------------------------------------------------------------------------------------

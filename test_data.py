@@ -2,7 +2,6 @@
 import hashlib
 import io
 import json
-import tarfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import data
+from conftest import read_shard, write_tar
 
 SMALL = dict(n_train=64, n_val=60, image_size=32, shard_size=16)  # 4 shards of 16
 
@@ -30,16 +30,6 @@ def tokenizer():
 
 def read_tree(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
-
-
-def read_shard(path):
-    """{key: {ext: bytes}} straight from a tar, without webdataset."""
-    samples = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split('.', 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def fingerprint(image):
@@ -161,15 +151,6 @@ def test_shard_assignment_is_a_partition(monkeypatch):
             assert sorted(sum(slices, [])) == urls and all(len(s) in (3, 4) for s in slices)
             first_reader.add(tuple(slices[0]))
         assert len(first_reader) > 1  # a different shard order each epoch
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, 'w') as tar:
-        for key, files in samples:
-            for ext, blob in files.items():
-                info = tarfile.TarInfo(f'{key}.{ext}')
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
 
 
 @pytest.mark.parametrize('workers', [0, 2])

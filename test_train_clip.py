@@ -9,16 +9,18 @@ import pytest
 import torch
 
 import data
+from conftest import read_shard, write_tar
 from train_utils import cosine_lr
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_tiny.py'
 
 
-def run(*args, torchrun=False, check=True):
+def run(*args, torchrun=False, check=True, timeout=600):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
         else [sys.executable]
-    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f'train_clip.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
@@ -127,3 +129,78 @@ def test_bad_config_and_missing_data_fail_clearly(tmp_path):
     assert proc.returncode != 0 and '/nonexistent/cc12m/00000.tar' in proc.stderr and 'img2dataset' in proc.stderr
     proc = run(TINY, f'--out_dir={tmp_path}', "--imagenet_val=/nonexistent/imagenet/val", check=False)
     assert proc.returncode != 0 and '/nonexistent/imagenet/val' in proc.stderr and 'n01440764' in proc.stderr
+
+
+def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
+    """An epoch that yields fewer batches than promised ends and training moves on; one that yields none
+    stops the run with a message naming the shards (it used to re-enter the epoch forever)."""
+    good = sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+    (tmp_path / 'empty.tar').write_bytes(b'')
+    proc = run(TINY, f'--out_dir={tmp_path / "a"}', f'--train_data={tmp_path / "empty.tar"}',
+               '--train_num_samples=192', check=False, timeout=120)
+    assert proc.returncode != 0 and 'no batch' in proc.stderr and 'empty.tar' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+    # two shards of 64 samples, 7 of each corrupt: 114 good ones, not one batch of 128
+    bad = [(k, dict(s, jpg=b'not a jpeg')) if i % 9 == 0 else (k, s) for i, (k, s) in enumerate(good[:128])]
+    write_tar(tmp_path / 'c0.tar', bad[:64])
+    write_tar(tmp_path / 'c1.tar', bad[64:])
+    proc = run(TINY, f'--out_dir={tmp_path / "b"}', f'--train_data={tmp_path}/c{{0..1}}.tar', '--batch_size=128',
+               '--train_num_samples=128', check=False, timeout=120)
+    assert proc.returncode != 0 and 'no batch' in proc.stderr and 'c{0..1}.tar' in proc.stderr
+
+    # one good shard and one zero-byte shard, a worker each: every epoch is half as long as promised
+    write_tar(tmp_path / 'g0.tar', good[:200])
+    (tmp_path / 'g1.tar').write_bytes(b'')
+    out = str(tmp_path / 'c')
+    run(TINY, f'--out_dir={out}', f'--train_data={tmp_path}/g{{0..1}}.tar', '--train_num_samples=192',
+        '--workers=2', '--max_steps=9', '--log_interval=3', timeout=120)
+    short = [r for r in records(out) if 'short_epoch' in r]
+    assert [(r['short_epoch'], r['step'], r['batches'], r['expected_batches']) for r in short] == [
+        (0, 3, 3, 6), (1, 6, 3, 6)]
+    assert short[0]['samples_short'] == 96  # 3 batches of 32
+    assert [r['step'] for r in train_records(out)] == [3, 6, 9]
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 9 and ckpt['epoch'] == 2
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10')
+    good = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=20', '--init_from=resume', '--lr=1e30', '--grad_clip=0.0',
+               check=False)
+    assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'is left as it was' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    kept = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert kept['step'] == 10 and all(torch.equal(v, kept['model'][k]) for k, v in good['model'].items())
+
+    # a checkpoint every step and a log line never: the check at save time keeps NaN weights out
+    out = str(tmp_path / 'every_step')
+    proc = run(TINY, f'--out_dir={out}', '--lr=1e30', '--grad_clip=0.0', '--ckpt_interval=1', '--log_interval=1000',
+               check=False)
+    assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr
+    if os.path.exists(os.path.join(out, 'ckpt.pt')):
+        saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+        assert all(v.isfinite().all() for v in saved['model'].values() if v.is_floating_point())
+
+
+def test_a_new_run_never_replaces_a_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=4')
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=3', check=False)
+    assert proc.returncode != 0 and "init_from=resume" in proc.stderr and 'out_dir' in proc.stderr
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+
+
+def test_resume_refuses_conflicting_settings(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=4')
+    for arg in ['--pre_layers=2', '--boundary=none', '--compression=2.0', "--vision={'image_size': 64}",
+                '--batch_size=16']:
+        proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
+        key = arg[2:].split('=')[0]
+        assert proc.returncode != 0 and f"{key}=" in proc.stderr and 'checkpoint' in proc.stderr, arg
+        assert 'Traceback' not in proc.stderr
+    run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', '--lr=1e-3')  # not architecture: fine
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 8

@@ -8,7 +8,9 @@ import difflib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -142,10 +144,93 @@ def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint.
+    The temporary name is unique (two runs in one out_dir do not write into each other's file), and a
+    failed write (disk full) removes it and stops the run with the path and the free space."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=os.path.dirname(path) or '.')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch reports a full disk as OSError or as RuntimeError('... file write failed')
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and 'write' in str(e)):
+            free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
+            reason = os.strerror(e.errno) if getattr(e, 'errno', None) else str(e).splitlines()[0]
+            raise SystemExit(f'could not write the checkpoint {path}: {reason} ({free:.0f} MiB free there); '
+                             f'the previous checkpoint, if any, is intact') from None
+        raise
+
+
+def refuse_overwrite(out_dir, init_from, eval_only):
+    """A new run into an out_dir that holds a checkpoint would replace it at its first save: refuse."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from != 'resume' and not eval_only and os.path.exists(path):
+        raise SystemExit(f"{path} exists: pass --init_from=resume to continue that run, or a new --out_dir "
+                         f"(or delete it) to start another")
+
+
+def check_resume(config, ckpt, keys, path):
+    """Resuming takes the architecture (and the data position) from the checkpoint: a setting in keys
+    that disagrees with the checkpoint's would be ignored, or skip the wrong samples, so refuse it."""
+    saved = ckpt.get('config', {})
+    conflicts = [f'{k}={config[k]!r} (checkpoint: {saved[k]!r})' for k in keys if k in saved and saved[k] != config[k]]
+    if conflicts:
+        raise SystemExit(f"init_from='resume': {', '.join(conflicts)} differ from {path}; resume with the "
+                         f"checkpoint's values, or start a new run in a new out_dir to change them")
+
+
+def _diverged(step, ckpt_path):
+    kept = f'{ckpt_path} is left as it was' if os.path.exists(ckpt_path) else 'no checkpoint was written'
+    return SystemExit(f'step {step}: the loss or the weights are NaN or infinite, training diverged; stopped, '
+                      f'{kept}. Try a lower lr or grad_clip > 0')
+
+
+def stop_if_not_finite(tensors, step, ckpt_path, device, world_size=1):
+    """Stop every rank when a tensor (the loss summed since the last check, the weights) holds a NaN or
+    an infinity: a diverged run must not overwrite the last good checkpoint. One host sync (and one
+    all_reduce under DDP, so that all ranks stop together): called at log and checkpoint time, not per step."""
+    finite = torch.stack([torch.as_tensor(t, device=device).isfinite().all() for t in tensors]).all().int()
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise _diverged(step, ckpt_path)
+
+
+@contextlib.contextmanager
+def divergence_is_an_error(parameters, step, ckpt_path):
+    """Around the forward pass: diverged weights (NaN, or finite but so large that activations overflow)
+    can make it crash, as learned pooling turns a NaN segment count into an integer, before the next
+    check sees them. Such a crash is reported as the divergence it is."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as e:
+        if 'NaN' not in str(e) and all(p.isfinite().all() for p in parameters):
+            raise
+        raise _diverged(step, ckpt_path) from None
+
+
+def trim_log(path, step):
+    """On resume, drop the log lines of steps after the checkpoint: the interrupted run's, which the
+    resumed run trains (and logs) again. Lines without a step (the run headers) stay; a line cut short
+    by a kill goes."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def keep(line):
+        try:
+            return json.loads(line).get('step', 0) <= step
+        except ValueError:
+            return False
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
 
 
 def unwrap(model):

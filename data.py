@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import tarfile
 import time
@@ -266,6 +267,9 @@ LAYOUT = """expected an ImageFolder layout, one sub-folder per class, e.g.
 (ImageNet's val images come as one flat folder: sort them into class folders first)"""
 
 
+WNID_RANGE = ('n01440764', 'n15075141')  # the first and last ImageNet-1k class, sorted
+
+
 def image_transforms(image_size):
     """(train, val) image transforms from OpenCLIP: RGB, resize/crop, CLIP mean/std."""
     return (open_clip.image_transform(image_size, is_train=True),
@@ -283,17 +287,58 @@ def imagenet_dataset(root, split, transform=None):
     if not any(entry.is_dir() for entry in os.scandir(path)):
         raise ValueError(f'{path} has no class sub-folders; {layout}')
     try:
-        return ImageFolder(path, transform)
+        return SkippingImageFolder(path, transform)
     except FileNotFoundError as e:  # ImageFolder: some class folder holds no images
         raise ValueError(f'{path}: {e}; {layout}') from None
 
 
+def check_imagenet_classes(root, split):
+    """root/split must hold ImageNet's 1000 class folders, whose sorted order is the order of OpenCLIP's
+    IMAGENET_CLASSNAMES: a folder too few would shift every label after it, and another dataset would
+    be scored against the wrong names. Folders named like wnids must run from the first ImageNet-1k
+    wnid to the last (the full list is not at hand). Raises ValueError (or imagenet_dataset's errors)."""
+    classes = imagenet_dataset(root, split).classes
+    if len(classes) != 1000:
+        raise ValueError(f'{os.path.join(root, split)} has {len(classes)} class folders, but zero-shot ImageNet '
+                         f'labels need all 1000 (n01440764 ... n15075141)')
+    if any(re.fullmatch(r'n\d{8}', c) for c in classes) and (
+            not all(re.fullmatch(r'n\d{8}', c) for c in classes) or (classes[0], classes[-1]) != WNID_RANGE):
+        raise ValueError(f'{os.path.join(root, split)}: the class folders are not ImageNet-1k\'s wnids '
+                         f'(sorted, they must run from {WNID_RANGE[0]} to {WNID_RANGE[1]}; '
+                         f'here {classes[0]} to {classes[-1]})')
+
+
+class SkippingImageFolder(ImageFolder):
+    """An ImageFolder whose unreadable images are skipped and counted (in .skipped, shared memory, so
+    dataloader workers add to it), as bad samples in shards are: one corrupt file among a million must
+    not end a run, nor end its resume at the same step every time. An item is None instead; collate()
+    drops it from its batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped = mp.Value('i', 0)
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except Exception as exn:
+            _skip(self.skipped, RuntimeError(f'{self.samples[index][0]}: {exn!r}'))
+            return None
+
+
+def collate(batch):
+    """default_collate of the readable items of a SkippingImageFolder batch (None: all unreadable)."""
+    batch = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
 def folder_loader(root, split, transform, batch_size, workers=2, train=False):
-    """DataLoader over imagenet_dataset(root, split, transform) yielding (images, labels).
+    """DataLoader over imagenet_dataset(root, split, transform) yielding (images, labels), without
+    the unreadable images (counted in loader.dataset.skipped); None for a batch with none readable.
     train=True shuffles and drops the last partial batch; False keeps order (eval)."""
     return torch.utils.data.DataLoader(imagenet_dataset(root, split, transform), batch_size,
                                        shuffle=train, drop_last=train, num_workers=workers,
-                                       persistent_workers=workers > 0)
+                                       persistent_workers=workers > 0, collate_fn=collate)
 
 
 # -----------------------------------------------------------------------------

@@ -283,3 +283,37 @@ def test_memory_loader_serves_each_decoded_sample_once_per_epoch(shapes, tokeniz
     assert loader.skipped() == 2 and loader.num_samples == 8  # 11 good samples, 2 full batches of 4
     with pytest.raises(ValueError, match='fewer than one batch'):
         data.memory_loader(str(tmp_path / 'x0.tar'), val_tf, tokenizer, batch_size=64, rank=0, world_size=1)
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_unreadable_images_in_folders_are_skipped_and_counted(shapes, tmp_path, workers):
+    root = tmp_path / 'imagenet'
+    for i, c in enumerate(sorted(p.name for p in Path(shapes['val']).iterdir())[:3]):
+        (root / 'val' / c).mkdir(parents=True)
+        for j, image in enumerate(sorted((Path(shapes['val']) / c).iterdir())):
+            (root / 'val' / c / image.name).write_bytes(image.read_bytes()[:100] if i == j == 0 else image.read_bytes())
+        (root / 'val' / c / 'notes.jpg').write_bytes(b'not an image')
+    loader = data.folder_loader(root, 'val', data.image_transforms(32)[1], batch_size=2, workers=workers)
+    batches = list(loader)
+    assert sum(len(b[1]) for b in batches if b is not None) == 6 - 1
+    assert loader.dataset.skipped.value == 3 + 1  # 3 non-images, 1 truncated
+    # a batch with no readable image is None, and evaluate() passes over it
+    all_bad = data.folder_loader(root, 'val', data.image_transforms(32)[1], batch_size=1, workers=0)
+    assert sum(b is None for b in all_bad) == 4
+
+
+def test_imagenet_val_must_be_the_1000_classes(tmp_path):
+    def make(names):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name in names:
+            (root / 'val' / name).mkdir(parents=True)
+            Image.new('RGB', (4, 4)).save(root / 'val' / name / 'x.png')
+        return root
+    with pytest.raises(ValueError, match='has 3 class folders.*1000'):
+        data.check_imagenet_classes(make(['a', 'b', 'c']), 'val')
+    wnids = [f'n{i:08d}' for i in range(1440764, 1440764 + 999)] + ['n15075141']
+    data.check_imagenet_classes(make(wnids), 'val')  # the right count, first and last
+    with pytest.raises(ValueError, match='999 class folders'):
+        data.check_imagenet_classes(make(wnids[1:]), 'val')  # one missing: every label would shift
+    with pytest.raises(ValueError, match="not ImageNet-1k's wnids"):
+        data.check_imagenet_classes(make(wnids[:-1] + ['n99999999']), 'val')

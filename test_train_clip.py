@@ -1,6 +1,7 @@
 """End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -204,3 +205,24 @@ def test_resume_refuses_conflicting_settings(tmp_path):
         assert 'Traceback' not in proc.stderr
     run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', '--lr=1e-3')  # not architecture: fine
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 8
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    """A run killed after logging step 15 with its checkpoint at step 10: resumed, it logs 15 again."""
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20')
+    shutil.copy(os.path.join(out, 'ckpt.pt'), tmp_path / 'step10.pt')
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    shutil.copy(tmp_path / 'step10.pt', os.path.join(out, 'ckpt.pt'))  # as if killed before saving step 20
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    assert [r['step'] for r in train_records(out)] == [5, 10, 15, 20]
+    assert [r['resume_step'] for r in records(out) if 'resume_step' in r] == [10, 10]  # each resume is marked
+
+
+def test_imagenet_val_must_hold_the_1000_classes(tmp_path):
+    """A 3-class folder used to be scored against ImageNet's names: 0% and exit 0."""
+    for c in ('n01440764', 'n01443537', 'n01484850'):
+        (tmp_path / 'val' / c).mkdir(parents=True)
+        shutil.copy(next(iter(sorted(data.Path(data.make_shapes()['val']).rglob('*.jpg')))), tmp_path / 'val' / c)
+    proc = run(TINY, f'--out_dir={tmp_path / "run"}', f'--imagenet_val={tmp_path / "val"}', check=False)
+    assert proc.returncode != 0 and 'has 3 class folders' in proc.stderr and 'Traceback' not in proc.stderr

@@ -131,6 +131,10 @@ train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_siz
 if imagenet_val:
     val_root, val_split = os.path.split(os.path.normpath(imagenet_val))
     classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+    try:  # every rank: one that stopped alone would leave the others waiting
+        data.check_imagenet_classes(val_root, val_split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'imagenet_val={imagenet_val!r}: {e}')
 elif use_shapes:
     val_root, val_split, classnames, templates = shapes['root'], 'val', data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
 else:

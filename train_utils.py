@@ -233,6 +233,12 @@ def trim_log(path, step):
         os.replace(path + '.tmp', path)
 
 
+def step_seed(seed, rank, step):
+    """A seed for the global RNG at a step: a function of (seed, rank, step) alone, so that a resumed
+    run draws the same random numbers from that step on as the run it continues."""
+    return hash((seed, rank, step))
+
+
 def unwrap(model):
     """The module inside DDP and torch.compile wrappers (whose state dict keys are the plain ones)."""
     model = getattr(model, 'module', model)
@@ -250,10 +256,12 @@ def log_jsonl(path, record):
 @torch.no_grad()
 def evaluate(logits_fn, loader, device, precision='fp32'):
     """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
-    over a loader of (images, labels)."""
+    over a loader of (images, labels) batches (None batches skipped)."""
     correct1 = correct5 = n = patches = segments = 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        if batch is None:  # every image of it unreadable (data.collate), and counted as skipped
+            continue
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with autocast(device, precision):
             logits, aux = logits_fn(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

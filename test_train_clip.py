@@ -154,8 +154,9 @@ def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
     write_tar(tmp_path / 'g0.tar', good[:200])
     (tmp_path / 'g1.tar').write_bytes(b'')
     out = str(tmp_path / 'c')
-    run(TINY, f'--out_dir={out}', f'--train_data={tmp_path}/g{{0..1}}.tar', '--train_num_samples=192',
-        '--workers=2', '--max_steps=9', '--log_interval=3', timeout=120)
+    proc = run(TINY, f'--out_dir={out}', f'--train_data={tmp_path}/g{{0..1}}.tar', '--train_num_samples=192',
+               '--workers=2', '--max_steps=9', '--log_interval=3', timeout=120)
+    assert 'g1.tar' in proc.stderr  # the warning names the bad shard
     short = [r for r in records(out) if 'short_epoch' in r]
     assert [(r['short_epoch'], r['step'], r['batches'], r['expected_batches']) for r in short] == [
         (0, 3, 3, 6), (1, 6, 3, 6)]
@@ -163,6 +164,16 @@ def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
     assert [r['step'] for r in train_records(out)] == [3, 6, 9]
     ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
     assert ckpt['step'] == 9 and ckpt['epoch'] == 2
+
+
+def test_torchrun_rank_without_batches_stops_every_rank(tmp_path):
+    """Two ranks, one good shard and one empty: the rank with data must not wait for the other forever."""
+    good = sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+    write_tar(tmp_path / 's0.tar', good[:100])
+    (tmp_path / 's1.tar').write_bytes(b'')
+    proc = run(TINY, f'--out_dir={tmp_path / "run"}', f'--train_data={tmp_path}/s{{0..1}}.tar',
+               '--train_num_samples=128', '--workers=1', torchrun=True, check=False, timeout=180)
+    assert proc.returncode != 0 and proc.stderr.count('yielded no batch') == 2  # both ranks, one message each
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):

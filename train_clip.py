@@ -26,8 +26,8 @@ import data
 from model import load_openclip
 from train_utils import (autocast, check_resume, config_keys, configure, cosine_lr, divergence_is_an_error, evaluate,
                          log_jsonl, param_groups, peak_memory_gb, refuse_overwrite, replica_checksums, save_checkpoint,
-                         save_segments_png, setup_distributed, stop_if_not_finite, sync, teardown_distributed, trim_log,
-                         unwrap)
+                         save_segments_png, setup_distributed, stop_if_not_finite, sync, teardown_distributed, together,
+                         trim_log, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -228,7 +228,7 @@ while step < total_steps:
         log(dict(resume_step=step, epoch=epoch, skipping_batches=seen))
         got = sum(1 for _ in itertools.islice(batches, seen))
     t0 = time.perf_counter()
-    for images, texts in batches:
+    for images, texts in together(batches, world_size, device):
         got += 1
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         sync(device)
@@ -262,7 +262,8 @@ while step < total_steps:
         if step % log_interval == 0 or step == total_steps:
             stop_if_not_finite([window['loss']], step, ckpt_path, device, world_size)
             n = window.pop('n')
-            record = dict(step=step, epoch=epoch + seen / loader.num_batches, **{k: float(v) / n for k, v in window.items()},
+            record = dict(step=step, epoch=epoch + seen / loader.num_batches,
+                          **{k: float(v) / n for k, v in window.items()},
                           lr=optimizer.param_groups[0]['lr'], logit_scale=unwrap(clip).logit_scale.exp().item(),
                           samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
                           mem_gb=peak_memory_gb(device), skipped=loader.skipped())

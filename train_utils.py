@@ -5,6 +5,7 @@ setup, atomic checkpoints, the learning-rate schedule, AdamW parameter groups an
 import ast
 import contextlib
 import difflib
+import itertools
 import json
 import math
 import os
@@ -231,6 +232,19 @@ def trim_log(path, step):
         with open(path + '.tmp', 'w') as f:
             f.writelines(kept)
         os.replace(path + '.tmp', path)
+
+
+def together(batches, world_size, device):
+    """The batches, for as long as every rank has one: under DDP, a rank whose shards ran out early would
+    leave the others waiting at their next collective. One all_reduce (and host sync) per step, DDP only."""
+    for batch in itertools.chain(batches, [None]):
+        if world_size > 1:
+            have = torch.tensor(int(batch is not None), device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            batch = batch if have.item() else None
+        if batch is None:
+            return
+        yield batch
 
 
 def step_seed(seed, rank, step):

@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -148,8 +148,7 @@ def save_checkpoint(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint.
     The temporary name is unique (two runs in one out_dir do not write into each other's file), and a
     failed write (disk full) removes it and stops the run with the path and the free space."""
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=os.path.dirname(path) or '.')
-    os.close(fd)
+    tmp = f'{path}.{uuid.uuid4().hex[:12]}.tmp'
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -363,13 +363,16 @@ def _worker():
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _skip(skipped, exn):
+def _skip(skipped, exn, shard=False):
     """Count a bad sample (or unreadable shard) in shared memory and carry on. Returns True,
-    which is how webdataset handlers say 'continue'."""
+    which is how webdataset handlers say 'continue'. shard=True: the tar reader failed, and the
+    rest of the shard (up to all its samples, one count) is lost: always say which shard."""
     with skipped.get_lock():
         skipped.value += 1
         n = skipped.value
-    if n <= 10:  # a few warnings for diagnosis; the count itself is on loader.skipped()
+    if shard:
+        logging.warning(f'skipping the rest of a shard (#{n} skipped): {exn!r}')
+    elif n <= 10:  # a few warnings for diagnosis; the count itself is on loader.skipped()
         logging.warning(f'skipping bad sample #{n}: {exn!r}')
     return True
 
@@ -460,7 +463,7 @@ def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=T
     # set_epoch() from the main process, and the main process sees their skip counts.
     epoch_value, skipped = mp.Value('i', epoch), mp.Value('i', 0)
     stages = [partial(_shards, urls, seed, epoch_value, rank, world_size, shuffle=train, resampled=resampled),
-              wds.tarfile_to_samples(handler=partial(_skip, skipped))]
+              wds.tarfile_to_samples(handler=partial(_skip, skipped, shard=True))]
     if train:
         stages.append(partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch_value, rank=rank))
     stages += [partial(_decode, transform=transform, tokenizer=tokenizer, with_labels=with_labels, skipped=skipped),
@@ -497,7 +500,7 @@ def memory_loader(urls, transform, tokenizer, batch_size, num_samples=None, seed
     rank, world_size = _rank_and_world_size(rank, world_size)
     skipped = mp.Value('i', 0)
     samples = wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)),
-                               wds.tarfile_to_samples(handler=partial(_skip, skipped)),
+                               wds.tarfile_to_samples(handler=partial(_skip, skipped, shard=True)),
                                partial(_decode, transform=transform, tokenizer=tokenizer, with_labels=False,
                                        skipped=skipped))
     samples = list(itertools.islice(samples, num_samples or None))

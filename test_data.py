@@ -317,3 +317,15 @@ def test_imagenet_val_must_be_the_1000_classes(tmp_path):
         data.check_imagenet_classes(make(wnids[1:]), 'val')  # one missing: every label would shift
     with pytest.raises(ValueError, match="not ImageNet-1k's wnids"):
         data.check_imagenet_classes(make(wnids[:-1] + ['n99999999']), 'val')
+
+
+def test_a_broken_shard_is_always_named(shapes, tokenizer, tmp_path, caplog):
+    """Warnings about bad samples stop after 10; an unreadable shard loses all of its samples in one
+    count, so it is named however many samples were skipped before it."""
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())
+    write_tar(tmp_path / 'x0.tar', [(k, dict(s, jpg=b'not a jpeg')) for k, s in good[:12]] + good[12:16])
+    (tmp_path / 'x1.tar').write_bytes(b'garbage, not a tar file' * 100)
+    loader = data.wds_loader(str(tmp_path / 'x{0..1}.tar'), data.image_transforms(32)[1], tokenizer, batch_size=4,
+                             train=False, workers=0)
+    assert sum(len(b[0]) for b in loader) == 4 and loader.skipped() == 13
+    assert 'x1.tar' in caplog.text

@@ -392,6 +392,35 @@ def _shards(urls, seed, epoch, rank, world_size, shuffle, resampled):
         yield dict(url=url)
 
 
+def _expected_samples(url):
+    """The samples img2dataset wrote into a local shard ('successes' in the {shard}_stats.json it writes
+    next to it), or None."""
+    try:
+        with open(re.sub(r'\.tar$', '_stats.json', url)) as f:
+            return int(json.load(f)['successes'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _count_shards(samples, skipped):
+    """Pass samples through, counting each shard's: a shard cut short (a truncated tar can end without
+    an error) yields fewer than its stats file records; the samples lost go into the skip count, and
+    the shard is named. (A shard that fails before its first sample counts one, in _skip.)"""
+    url, n = None, 0
+    for sample in itertools.chain(samples, [None]):
+        if sample is None or sample['__url__'] != url:
+            expected = _expected_samples(url) if url else None
+            if expected and n < expected:
+                with skipped.get_lock():
+                    skipped.value += expected - n
+                logging.warning(f'shard {url}: {expected - n} of its {expected} samples missing (cut short?)')
+            if sample is None:
+                return
+            url, n = sample['__url__'], 0
+        n += 1
+        yield sample
+
+
 def _shuffle(samples, bufsize, seed, epoch, rank):
     """Shuffle buffer: keep `bufsize` samples, emit a random one as each new one arrives."""
     worker, _ = _worker()
@@ -451,7 +480,9 @@ def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=T
       .num_batches, .num_samples   per-epoch length on this rank (eval: a rough estimate,
                                    None without num_samples)
       .set_epoch(e)                call before iterating epoch e to reseed the shuffles
-      .skipped()                   bad samples / shard errors skipped so far, all workers
+      .skipped()                   bad samples / shard errors skipped so far, all workers, plus
+                                   the samples missing from shards cut short (img2dataset's
+                                   {shard}_stats.json says how many a shard holds)
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
     urls = expand_urls(urls)
@@ -463,7 +494,8 @@ def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=T
     # set_epoch() from the main process, and the main process sees their skip counts.
     epoch_value, skipped = mp.Value('i', epoch), mp.Value('i', 0)
     stages = [partial(_shards, urls, seed, epoch_value, rank, world_size, shuffle=train, resampled=resampled),
-              wds.tarfile_to_samples(handler=partial(_skip, skipped, shard=True))]
+              wds.tarfile_to_samples(handler=partial(_skip, skipped, shard=True)),
+              partial(_count_shards, skipped=skipped)]
     if train:
         stages.append(partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch_value, rank=rank))
     stages += [partial(_decode, transform=transform, tokenizer=tokenizer, with_labels=with_labels, skipped=skipped),

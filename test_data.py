@@ -2,6 +2,7 @@
 import hashlib
 import io
 import json
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -329,3 +330,18 @@ def test_a_broken_shard_is_always_named(shapes, tokenizer, tmp_path, caplog):
                              train=False, workers=0)
     assert sum(len(b[0]) for b in loader) == 4 and loader.skipped() == 13
     assert 'x1.tar' in caplog.text
+
+
+def test_a_shard_cut_short_counts_its_lost_samples(shapes, tokenizer, tmp_path, caplog):
+    """img2dataset records each shard's sample count in {shard}_stats.json: a shard truncated to a fifth
+    counts every sample it lost (it used to count one, or none)."""
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())[:50]
+    write_tar(tmp_path / 'x0.tar', good)
+    blob = (tmp_path / 'x0.tar').read_bytes()
+    (tmp_path / 'x0.tar').write_bytes(blob[:len(blob) // 5])
+    (tmp_path / 'x0_stats.json').write_text(json.dumps(dict(count=55, successes=50)))
+    loader = data.wds_loader(str(tmp_path / 'x0.tar'), data.image_transforms(32)[1], tokenizer, batch_size=4,
+                             train=False, workers=0)
+    n = sum(len(b[0]) for b in loader)
+    assert 0 < n < 20 and loader.skipped() == 50 - n  # the missing ones and the one cut in half
+    assert re.search(r'x0\.tar: \d+ of its 50 samples missing', caplog.text)

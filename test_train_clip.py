@@ -218,6 +218,17 @@ def test_resume_refuses_conflicting_settings(tmp_path):
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 8
 
 
+def test_resume_is_bit_exact(tmp_path):
+    """Stopped at step 10 and resumed, a run ends with the weights of one that never stopped: the Gumbel
+    noise after step 10 is the same draws."""
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_logs_each_step_once(tmp_path):
     """A run killed after logging step 15 with its checkpoint at step 10: resumed, it logs 15 again."""
     out = str(tmp_path / 'run')

@@ -26,8 +26,8 @@ import data
 from model import load_openclip
 from train_utils import (autocast, check_resume, config_keys, configure, cosine_lr, divergence_is_an_error, evaluate,
                          log_jsonl, param_groups, peak_memory_gb, refuse_overwrite, replica_checksums, save_checkpoint,
-                         save_segments_png, setup_distributed, stop_if_not_finite, sync, teardown_distributed, together,
-                         trim_log, unwrap)
+                         save_segments_png, setup_distributed, step_seed, stop_if_not_finite, sync,
+                         teardown_distributed, together, trim_log, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -193,7 +193,6 @@ if ckpt is not None:
     del ckpt
     if master:
         trim_log(log_file, step)
-torch.manual_seed(seed + rank + step)  # a different Gumbel-noise stream per rank (and per resume)
 loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                              world_size=world_size)
 model = torch.compile(clip) if compile else clip
@@ -230,6 +229,8 @@ while step < total_steps:
     t0 = time.perf_counter()
     for images, texts in together(batches, world_size, device):
         got += 1
+        # Gumbel noise from a seed per rank and step: a resumed run draws what the uninterrupted one drew
+        torch.manual_seed(step_seed(seed, rank, step))
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()

@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import tarfile
 import time
@@ -309,6 +310,9 @@ def load_image(fp):
         return image.convert('RGB')  # convert() forces the full decode, before the file closes
 
 
+WNID_RANGE = ('n01440764', 'n15075141')  # the first and last ImageNet-1k class, sorted
+
+
 def image_transforms(image_size):
     """(train, val) image transforms from OpenCLIP: RGB, resize/crop, CLIP mean/std."""
     return (open_clip.image_transform(image_size, is_train=True),
@@ -326,17 +330,58 @@ def imagenet_dataset(root, split, transform=None):
     if not any(entry.is_dir() for entry in os.scandir(path)):
         raise ValueError(f'{path} has no class sub-folders; {layout}')
     try:
-        return ImageFolder(path, transform, loader=load_image)
+        return SkippingImageFolder(path, transform, loader=load_image)
     except FileNotFoundError as e:  # ImageFolder: some class folder holds no images
         raise ValueError(f'{path}: {e}; {layout}') from None
 
 
+def check_imagenet_classes(root, split):
+    """root/split must hold ImageNet's 1000 class folders, whose sorted order is the order of OpenCLIP's
+    IMAGENET_CLASSNAMES: a folder too few would shift every label after it, and another dataset would
+    be scored against the wrong names. Folders named like wnids must run from the first ImageNet-1k
+    wnid to the last (the full list is not at hand). Raises ValueError (or imagenet_dataset's errors)."""
+    classes = imagenet_dataset(root, split).classes
+    if len(classes) != 1000:
+        raise ValueError(f'{os.path.join(root, split)} has {len(classes)} class folders, but zero-shot ImageNet '
+                         f'labels need all 1000 (n01440764 ... n15075141)')
+    if any(re.fullmatch(r'n\d{8}', c) for c in classes) and (
+            not all(re.fullmatch(r'n\d{8}', c) for c in classes) or (classes[0], classes[-1]) != WNID_RANGE):
+        raise ValueError(f'{os.path.join(root, split)}: the class folders are not ImageNet-1k\'s wnids '
+                         f'(sorted, they must run from {WNID_RANGE[0]} to {WNID_RANGE[1]}; '
+                         f'here {classes[0]} to {classes[-1]})')
+
+
+class SkippingImageFolder(ImageFolder):
+    """An ImageFolder whose unreadable images are skipped and counted (in .skipped, shared memory, so
+    dataloader workers add to it), as bad samples in shards are: one corrupt file among a million must
+    not end a run, nor end its resume at the same step every time. An item is None instead; collate()
+    drops it from its batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped = mp.Value('i', 0)
+
+    def __getitem__(self, index):
+        try:
+            return super().__getitem__(index)
+        except Exception as exn:
+            _skip(self.skipped, RuntimeError(f'{self.samples[index][0]}: {exn!r}'))
+            return None
+
+
+def collate(batch):
+    """default_collate of the readable items of a SkippingImageFolder batch (None: all unreadable)."""
+    batch = [item for item in batch if item is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
 def folder_loader(root, split, transform, batch_size, workers=2, train=False):
-    """DataLoader over imagenet_dataset(root, split, transform) yielding (images, labels).
+    """DataLoader over imagenet_dataset(root, split, transform) yielding (images, labels), without
+    the unreadable images (counted in loader.dataset.skipped); None for a batch with none readable.
     train=True shuffles and drops the last partial batch; False keeps order (eval)."""
     return torch.utils.data.DataLoader(imagenet_dataset(root, split, transform), batch_size,
                                        shuffle=train, drop_last=train, num_workers=workers,
-                                       persistent_workers=workers > 0)
+                                       persistent_workers=workers > 0, collate_fn=collate)
 
 
 # -----------------------------------------------------------------------------
@@ -361,13 +406,16 @@ def _worker():
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _skip(skipped, exn):
+def _skip(skipped, exn, shard=False):
     """Count a bad sample (or unreadable shard) in shared memory and carry on. Returns True,
-    which is how webdataset handlers say 'continue'."""
+    which is how webdataset handlers say 'continue'. shard=True: the tar reader failed, and the
+    rest of the shard (up to all its samples, one count) is lost: always say which shard."""
     with skipped.get_lock():
         skipped.value += 1
         n = skipped.value
-    if n <= 10:  # a few warnings for diagnosis; the count itself is on loader.skipped()
+    if shard:
+        logging.warning(f'skipping the rest of a shard (#{n} skipped): {exn!r}')
+    elif n <= 10:  # a few warnings for diagnosis; the count itself is on loader.skipped()
         logging.warning(f'skipping bad sample #{n}: {exn!r}')
     return True
 
@@ -385,6 +433,35 @@ def _shards(urls, seed, epoch, rank, world_size, shuffle, resampled):
         random.Random(f'{seed}-{epoch.value}').shuffle(urls)
     for url in urls[rank::world_size][worker::num_workers]:
         yield dict(url=url)
+
+
+def _expected_samples(url):
+    """The samples img2dataset wrote into a local shard ('successes' in the {shard}_stats.json it writes
+    next to it), or None."""
+    try:
+        with open(re.sub(r'\.tar$', '_stats.json', url)) as f:
+            return int(json.load(f)['successes'])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _count_shards(samples, skipped):
+    """Pass samples through, counting each shard's: a shard cut short (a truncated tar can end without
+    an error) yields fewer than its stats file records; the samples lost go into the skip count, and
+    the shard is named. (A shard that fails before its first sample counts one, in _skip.)"""
+    url, n = None, 0
+    for sample in itertools.chain(samples, [None]):
+        if sample is None or sample['__url__'] != url:
+            expected = _expected_samples(url) if url else None
+            if expected and n < expected:
+                with skipped.get_lock():
+                    skipped.value += expected - n
+                logging.warning(f'shard {url}: {expected - n} of its {expected} samples missing (cut short?)')
+            if sample is None:
+                return
+            url, n = sample['__url__'], 0
+        n += 1
+        yield sample
 
 
 def _shuffle(samples, bufsize, seed, epoch, rank):
@@ -446,7 +523,9 @@ def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=T
       .num_batches, .num_samples   per-epoch length on this rank (eval: a rough estimate,
                                    None without num_samples)
       .set_epoch(e)                call before iterating epoch e to reseed the shuffles
-      .skipped()                   bad samples / shard errors skipped so far, all workers
+      .skipped()                   bad samples / shard errors skipped so far, all workers, plus
+                                   the samples missing from shards cut short (img2dataset's
+                                   {shard}_stats.json says how many a shard holds)
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
     urls = expand_urls(urls)
@@ -458,7 +537,8 @@ def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=T
     # set_epoch() from the main process, and the main process sees their skip counts.
     epoch_value, skipped = mp.Value('i', epoch), mp.Value('i', 0)
     stages = [partial(_shards, urls, seed, epoch_value, rank, world_size, shuffle=train, resampled=resampled),
-              wds.tarfile_to_samples(handler=partial(_skip, skipped))]
+              wds.tarfile_to_samples(handler=partial(_skip, skipped, shard=True)),
+              partial(_count_shards, skipped=skipped)]
     if train:
         stages.append(partial(_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=epoch_value, rank=rank))
     stages += [partial(_decode, transform=transform, tokenizer=tokenizer, with_labels=with_labels, skipped=skipped),
@@ -495,7 +575,7 @@ def memory_loader(urls, transform, tokenizer, batch_size, num_samples=None, seed
     rank, world_size = _rank_and_world_size(rank, world_size)
     skipped = mp.Value('i', 0)
     samples = wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)),
-                               wds.tarfile_to_samples(handler=partial(_skip, skipped)),
+                               wds.tarfile_to_samples(handler=partial(_skip, skipped, shard=True)),
                                partial(_decode, transform=transform, tokenizer=tokenizer, with_labels=False,
                                        skipped=skipped))
     samples = list(itertools.islice(samples, num_samples or None))

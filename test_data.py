@@ -2,7 +2,7 @@
 import hashlib
 import io
 import json
-import tarfile
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 import data
+from conftest import read_shard, write_tar
 
 SMALL = dict(n_train=64, n_val=60, image_size=32, shard_size=16)  # 4 shards of 16
 
@@ -31,16 +32,6 @@ def tokenizer():
 
 def read_tree(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob('*')) if p.is_file()}
-
-
-def read_shard(path):
-    """{key: {ext: bytes}} straight from a tar, without webdataset."""
-    samples = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split('.', 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return samples
 
 
 def fingerprint(image):
@@ -162,15 +153,6 @@ def test_shard_assignment_is_a_partition(monkeypatch):
             assert sorted(sum(slices, [])) == urls and all(len(s) in (3, 4) for s in slices)
             first_reader.add(tuple(slices[0]))
         assert len(first_reader) > 1  # a different shard order each epoch
-
-
-def write_tar(path, samples):
-    with tarfile.open(path, 'w') as tar:
-        for key, files in samples:
-            for ext, blob in files.items():
-                info = tarfile.TarInfo(f'{key}.{ext}')
-                info.size = len(blob)
-                tar.addfile(info, io.BytesIO(blob))
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -361,3 +343,64 @@ def test_16_bit_pngs_are_scaled_to_8_bits(tmp_path, tokenizer):
     images, _, _ = collect(data.wds_loader(str(tmp_path / 'shard.tar'), to_tensor, tokenizer, 1, train=False,
                                            workers=0))
     assert torch.equal(images[0], expected.expand(3, -1, -1))
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_unreadable_images_in_folders_are_skipped_and_counted(shapes, tmp_path, workers):
+    root = tmp_path / 'imagenet'
+    for i, c in enumerate(sorted(p.name for p in Path(shapes['val']).iterdir())[:3]):
+        (root / 'val' / c).mkdir(parents=True)
+        for j, image in enumerate(sorted((Path(shapes['val']) / c).iterdir())):
+            (root / 'val' / c / image.name).write_bytes(image.read_bytes()[:100] if i == j == 0 else image.read_bytes())
+        (root / 'val' / c / 'notes.jpg').write_bytes(b'not an image')
+    loader = data.folder_loader(root, 'val', data.image_transforms(32)[1], batch_size=2, workers=workers)
+    batches = list(loader)
+    assert sum(len(b[1]) for b in batches if b is not None) == 6 - 1
+    assert loader.dataset.skipped.value == 3 + 1  # 3 non-images, 1 truncated
+    # a batch with no readable image is None, and evaluate() passes over it
+    all_bad = data.folder_loader(root, 'val', data.image_transforms(32)[1], batch_size=1, workers=0)
+    assert sum(b is None for b in all_bad) == 4
+
+
+def test_imagenet_val_must_be_the_1000_classes(tmp_path):
+    def make(names):
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        for name in names:
+            (root / 'val' / name).mkdir(parents=True)
+            Image.new('RGB', (4, 4)).save(root / 'val' / name / 'x.png')
+        return root
+    with pytest.raises(ValueError, match='has 3 class folders.*1000'):
+        data.check_imagenet_classes(make(['a', 'b', 'c']), 'val')
+    wnids = [f'n{i:08d}' for i in range(1440764, 1440764 + 999)] + ['n15075141']
+    data.check_imagenet_classes(make(wnids), 'val')  # the right count, first and last
+    with pytest.raises(ValueError, match='999 class folders'):
+        data.check_imagenet_classes(make(wnids[1:]), 'val')  # one missing: every label would shift
+    with pytest.raises(ValueError, match="not ImageNet-1k's wnids"):
+        data.check_imagenet_classes(make(wnids[:-1] + ['n99999999']), 'val')
+
+
+def test_a_broken_shard_is_always_named(shapes, tokenizer, tmp_path, caplog):
+    """Warnings about bad samples stop after 10; an unreadable shard loses all of its samples in one
+    count, so it is named however many samples were skipped before it."""
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())
+    write_tar(tmp_path / 'x0.tar', [(k, dict(s, jpg=b'not a jpeg')) for k, s in good[:12]] + good[12:16])
+    (tmp_path / 'x1.tar').write_bytes(b'garbage, not a tar file' * 100)
+    loader = data.wds_loader(str(tmp_path / 'x{0..1}.tar'), data.image_transforms(32)[1], tokenizer, batch_size=4,
+                             train=False, workers=0)
+    assert sum(len(b[0]) for b in loader) == 4 and loader.skipped() == 13
+    assert 'x1.tar' in caplog.text
+
+
+def test_a_shard_cut_short_counts_its_lost_samples(shapes, tokenizer, tmp_path, caplog):
+    """img2dataset records each shard's sample count in {shard}_stats.json: a shard truncated to a fifth
+    counts every sample it lost (it used to count one, or none)."""
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())[:50]
+    write_tar(tmp_path / 'x0.tar', good)
+    blob = (tmp_path / 'x0.tar').read_bytes()
+    (tmp_path / 'x0.tar').write_bytes(blob[:len(blob) // 5])
+    (tmp_path / 'x0_stats.json').write_text(json.dumps(dict(count=55, successes=50)))
+    loader = data.wds_loader(str(tmp_path / 'x0.tar'), data.image_transforms(32)[1], tokenizer, batch_size=4,
+                             train=False, workers=0)
+    n = sum(len(b[0]) for b in loader)
+    assert 0 < n < 20 and loader.skipped() == 50 - n  # the missing ones and the one cut in half
+    assert re.search(r'x0\.tar: \d+ of its 50 samples missing', caplog.text)

@@ -1,6 +1,7 @@
 """End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,16 +10,18 @@ import pytest
 import torch
 
 import data
+from conftest import read_shard, write_tar
 from train_utils import cosine_lr
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_tiny.py'
 
 
-def run(*args, torchrun=False, check=True):
+def run(*args, torchrun=False, check=True, timeout=600):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
         else [sys.executable]
-    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f'train_clip.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
@@ -175,3 +178,121 @@ def test_command_line_pairs_win_over_files_and_merge_into_vision(tmp_path):
     assert ckpt['step'] == 2  # not the file's max_steps=20
     args = ckpt['model_args']
     assert (args['image_size'], args['patch_size'], args['width'], args['predictor_hidden']) == (48, 8, 32, 32)
+
+
+def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
+    """An epoch that yields fewer batches than promised ends and training moves on; one that yields none
+    stops the run with a message naming the shards (it used to re-enter the epoch forever)."""
+    good = sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+    (tmp_path / 'empty.tar').write_bytes(b'')
+    proc = run(TINY, f'--out_dir={tmp_path / "a"}', f'--train_data={tmp_path / "empty.tar"}',
+               '--train_num_samples=192', check=False, timeout=120)
+    assert proc.returncode != 0 and 'no batch' in proc.stderr and 'empty.tar' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+    # two shards of 64 samples, 7 of each corrupt: 114 good ones, not one batch of 128
+    bad = [(k, dict(s, jpg=b'not a jpeg')) if i % 9 == 0 else (k, s) for i, (k, s) in enumerate(good[:128])]
+    write_tar(tmp_path / 'c0.tar', bad[:64])
+    write_tar(tmp_path / 'c1.tar', bad[64:])
+    proc = run(TINY, f'--out_dir={tmp_path / "b"}', f'--train_data={tmp_path}/c{{0..1}}.tar', '--batch_size=128',
+               '--train_num_samples=128', check=False, timeout=120)
+    assert proc.returncode != 0 and 'no batch' in proc.stderr and 'c{0..1}.tar' in proc.stderr
+
+    # one good shard and one zero-byte shard, a worker each: every epoch is half as long as promised
+    write_tar(tmp_path / 'g0.tar', good[:200])
+    (tmp_path / 'g1.tar').write_bytes(b'')
+    out = str(tmp_path / 'c')
+    proc = run(TINY, f'--out_dir={out}', f'--train_data={tmp_path}/g{{0..1}}.tar', '--train_num_samples=192',
+               '--workers=2', '--max_steps=9', '--log_interval=3', timeout=120)
+    assert 'g1.tar' in proc.stderr  # the warning names the bad shard
+    short = [r for r in records(out) if 'short_epoch' in r]
+    assert [(r['short_epoch'], r['step'], r['batches'], r['expected_batches']) for r in short] == [
+        (0, 3, 3, 6), (1, 6, 3, 6)]
+    assert short[0]['samples_short'] == 96  # 3 batches of 32
+    assert [r['step'] for r in train_records(out)] == [3, 6, 9]
+    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert ckpt['step'] == 9 and ckpt['epoch'] == 2
+
+
+def test_torchrun_rank_without_batches_stops_every_rank(tmp_path):
+    """Two ranks, one good shard and one empty: the rank with data must not wait for the other forever."""
+    good = sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+    write_tar(tmp_path / 's0.tar', good[:100])
+    (tmp_path / 's1.tar').write_bytes(b'')
+    proc = run(TINY, f'--out_dir={tmp_path / "run"}', f'--train_data={tmp_path}/s{{0..1}}.tar',
+               '--train_num_samples=128', '--workers=1', torchrun=True, check=False, timeout=180)
+    assert proc.returncode != 0 and proc.stderr.count('yielded no batch') == 2  # both ranks, one message each
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10')
+    good = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=20', '--init_from=resume', '--lr=1e30', '--grad_clip=0.0',
+               check=False)
+    assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'is left as it was' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    kept = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert kept['step'] == 10 and all(torch.equal(v, kept['model'][k]) for k, v in good['model'].items())
+
+    # a checkpoint every step and a log line never: the check at save time keeps NaN weights out
+    out = str(tmp_path / 'every_step')
+    proc = run(TINY, f'--out_dir={out}', '--lr=1e30', '--grad_clip=0.0', '--ckpt_interval=1', '--log_interval=1000',
+               check=False)
+    assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr
+    if os.path.exists(os.path.join(out, 'ckpt.pt')):
+        saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+        assert all(v.isfinite().all() for v in saved['model'].values() if v.is_floating_point())
+
+
+def test_a_new_run_never_replaces_a_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=4')
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=3', check=False)
+    assert proc.returncode != 0 and "init_from=resume" in proc.stderr and 'out_dir' in proc.stderr
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+
+
+def test_resume_refuses_conflicting_settings(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=4')
+    for arg in ['--pre_layers=2', '--boundary=none', '--compression=2.0', "--vision={'image_size': 64}",
+                '--batch_size=16']:
+        proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
+        key = arg[2:].split('=')[0]
+        assert proc.returncode != 0 and f"{key}=" in proc.stderr and 'checkpoint' in proc.stderr, arg
+        assert 'Traceback' not in proc.stderr
+    run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', '--lr=1e-3')  # not architecture: fine
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 8
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Stopped at step 10 and resumed, a run ends with the weights of one that never stopped: the Gumbel
+    noise after step 10 is the same draws."""
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_logs_each_step_once(tmp_path):
+    """A run killed after logging step 15 with its checkpoint at step 10: resumed, it logs 15 again."""
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20')
+    shutil.copy(os.path.join(out, 'ckpt.pt'), tmp_path / 'step10.pt')
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    shutil.copy(tmp_path / 'step10.pt', os.path.join(out, 'ckpt.pt'))  # as if killed before saving step 20
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    assert [r['step'] for r in train_records(out)] == [5, 10, 15, 20]
+    assert [r['resume_step'] for r in records(out) if 'resume_step' in r] == [10, 10]  # each resume is marked
+
+
+def test_imagenet_val_must_hold_the_1000_classes(tmp_path):
+    """A 3-class folder used to be scored against ImageNet's names: 0% and exit 0."""
+    for c in ('n01440764', 'n01443537', 'n01484850'):
+        (tmp_path / 'val' / c).mkdir(parents=True)
+        shutil.copy(next(iter(sorted(data.Path(data.make_shapes()['val']).rglob('*.jpg')))), tmp_path / 'val' / c)
+    proc = run(TINY, f'--out_dir={tmp_path / "run"}', f'--imagenet_val={tmp_path / "val"}', check=False)
+    assert proc.returncode != 0 and 'has 3 class folders' in proc.stderr and 'Traceback' not in proc.stderr

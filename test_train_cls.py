@@ -2,6 +2,7 @@
 or a small random OpenCLIP checkpoint standing in for a pretrained one."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,10 +20,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_cls_tiny.py'
 
 
-def run(*args, torchrun=False, check=True):
+def run(*args, torchrun=False, check=True, timeout=600):
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
         else [sys.executable]
-    proc = subprocess.run(launcher + ['train_cls.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launcher + ['train_cls.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f'train_cls.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
@@ -175,3 +177,55 @@ def test_missing_imagenet_fails_clearly(tmp_path):
     assert 'Traceback' not in proc.stderr  # a message, not a crash
     proc = run(TINY, f'--out_dir={tmp_path}', '--temperature=0', check=False)  # a NaN loss, once
     assert proc.returncode != 0 and 'temperature=0.0: must be > 0' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Stopped at step 10 and resumed, a run ends with the weights of one that never stopped: the random
+    crops and the Gumbel noise after step 10 are the same draws."""
+    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+    run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
+    run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
+    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_divergence_never_saves_nan_weights(tmp_path):
+    out = str(tmp_path / 'run')
+    proc = run(TINY, f'--out_dir={out}', '--lr=1000.0', '--boundary=none', '--ckpt_interval=1', '--log_interval=1000',
+               check=False)
+    assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'Traceback' not in proc.stderr
+    saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert all(v.isfinite().all() for v in saved['model'].values())
+
+
+def test_no_silent_overwrite_and_no_conflicting_resume(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=4')
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=3', check=False)
+    assert proc.returncode != 0 and 'init_from=resume' in proc.stderr and 'new --out_dir' in proc.stderr
+    for arg in ['--freeze_backbone=True', '--batch_size=16', '--short_layers=2']:
+        proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
+        assert proc.returncode != 0 and arg[2:].split('=')[0] + '=' in proc.stderr, arg
+        assert 'Traceback' not in proc.stderr
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    """A few images of each class of the shapes folders, and some files that are not images, in train/ and val/."""
+    shapes = data.make_shapes()
+    for split, n in (('train', 4), ('val', 1)):
+        for c in sorted(os.listdir(shapes[split])):
+            os.makedirs(tmp_path / split / c)
+            for name in sorted(os.listdir(os.path.join(shapes[split], c)))[:n]:
+                shutil.copy(os.path.join(shapes[split], c, name), tmp_path / split / c / name)
+    for i, c in enumerate(sorted(os.listdir(tmp_path / 'train'))[:4]):
+        (tmp_path / 'train' / c / f'broken{i}.jpg').write_bytes(b'not a jpeg')
+    (tmp_path / 'val' / c / 'broken.jpg').write_bytes(b'\xff\xd8\xff truncated')
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', f'--data_dir={tmp_path}', '--max_steps=6', '--log_interval=3')
+    logged = records(out)
+    assert [r['step'] for r in logged if 'loss' in r] == [3, 6]  # 124 images, 3 batches of 32 an epoch
+    val_skipped = [r['val_skipped'] for r in logged if 'val_top1' in r]  # a running count of failed reads
+    assert len(val_skipped) == 2 and 0 < val_skipped[0] < val_skipped[1]
+    assert 0 < [r['skipped'] for r in logged if 'loss' in r][-1] <= 8

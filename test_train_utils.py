@@ -1,11 +1,13 @@
 """Tests of train_utils.py: the configurator and the shared training plumbing."""
+import errno
+import os
 import traceback
 
 import pytest
 import torch
 
-from train_utils import (boundary_confidence, check_settings, configure, cosine_lr, param_groups, save_checkpoint,
-                         segment_quality)
+from train_utils import (boundary_confidence, check_settings, configure, cosine_lr, param_groups,
+                         save_checkpoint, segment_quality, trim_log)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
                 imagenet_val=None, betas=(0.9, 0.98))
@@ -171,3 +173,38 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"out_dir=.*notes\.txt' is a file"):
         check_settings(dict(SETTINGS, out_dir=str(tmp_path / 'notes.txt')))
     check_settings(dict(SETTINGS, epochs=0, max_steps=0, eval_only=True))  # evaluating needs no steps
+
+
+def test_disk_full_is_a_clear_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / 'ckpt.pt'
+    save_checkpoint({'step': 1}, str(path))
+
+    def disk_full(obj, f):
+        open(f, 'wb').write(b'x' * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(SystemExit, match=rf'{path}: No space left on device \(\d+ MiB free there\)'):
+        save_checkpoint({'step': 2}, str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and torch.load(path, weights_only=True) == {'step': 1}
+
+
+def test_two_runs_saving_at_once_do_not_collide(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    save = torch.save
+
+    def save_while_another_run_saves(obj, f):
+        save(obj, f)
+        if obj['step'] == 1:  # the other run writes its checkpoint in the middle of this one's
+            save_checkpoint({'step': 2}, path)
+    monkeypatch.setattr(torch, 'save', save_while_another_run_saves)
+    save_checkpoint({'step': 1}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'step': 1} and os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path):
+    log = tmp_path / 'log.jsonl'
+    log.write_text('{"params_M": 1}\n{"step": 5}\n{"step": 10}\n{"step": 15}\n{"epoch_end": 0, "step": 15}\n{"st')
+    trim_log(str(log), 10)
+    assert log.read_text() == '{"params_M": 1}\n{"step": 5}\n{"step": 10}\n'

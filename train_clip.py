@@ -9,6 +9,7 @@ zero-shot evaluation. Single process or torchrun DDP.
 Settings are the globals below; a config file (Python, executed in order) and then --key=value
 pairs override them. An unknown key or a value of the wrong type stops the run before it starts.
 """
+import itertools
 import math
 import os
 import time
@@ -22,9 +23,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from train_utils import (autocast, check_settings, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl,
-                         param_groups, peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint,
-                         save_segments_png, setup_distributed, sync, teardown_distributed, unwrap)
+from train_utils import (autocast, check_resume, check_settings, config_keys, configure, cosine_lr,
+                         divergence_is_an_error, evaluate, load_model, log_jsonl, param_groups, peak_memory_gb,
+                         read_checkpoint, refuse_overwrite, replica_checksums, save_checkpoint, save_segments_png,
+                         setup_distributed, step_seed, stop_if_not_finite, sync, teardown_distributed, together,
+                         trim_log, unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -75,8 +78,10 @@ globals().update(config)
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
+refuse_overwrite(out_dir, init_from, eval_only)
 os.makedirs(out_dir, exist_ok=True)
 log_file = os.path.join(out_dir, 'log.jsonl')
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 
 def log(record):
@@ -111,10 +116,13 @@ if short_layers is not None:
 torch.manual_seed(seed)  # the same initial weights on every rank
 ckpt = None
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
     ckpt = read_checkpoint(ckpt_path)
+    # the architecture comes from the checkpoint, and batch_size fixes which samples it has seen
+    check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
+                                'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
+                                'position_prior', 'batch_size'], ckpt_path)
     model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
 else:
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
@@ -129,6 +137,10 @@ train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_siz
 if imagenet_val:
     val_root, val_split = os.path.split(os.path.normpath(imagenet_val))
     classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+    try:  # every rank: one that stopped alone would leave the others waiting
+        data.check_imagenet_classes(val_root, val_split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f'imagenet_val={imagenet_val!r}: {e}')
 elif use_shapes:
     val_root, val_split, classnames, templates = shapes['root'], 'val', data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
 else:
@@ -180,12 +192,16 @@ optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay
                               fused=True)
 scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
 step = 0
+epoch, seen = 0, 0  # the epoch and how many of its batches were trained on
 if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     step = ckpt['step']
+    # epochs that came up short make step // num_batches drift from the epoch; older checkpoints lack epoch_step
+    epoch, seen = (ckpt['epoch'], ckpt['epoch_step']) if 'epoch_step' in ckpt else divmod(step, loader.num_batches)
     del ckpt
-torch.manual_seed(seed + rank + step)  # a different Gumbel-noise stream per rank (and per resume)
+    if master:
+        trim_log(log_file, step)
 loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                              world_size=world_size)
 model = torch.compile(clip) if compile else clip
@@ -194,10 +210,12 @@ if world_size > 1:
 
 
 def checkpoint():
+    # the loss since the last log line and the weights: NaN weights never replace a good checkpoint
+    stop_if_not_finite([window.get('loss', 0.0), *clip.parameters()], step, ckpt_path, device, world_size)
     if master:
         save_checkpoint(dict(model=unwrap(clip).state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), step=step, epoch=step // loader.num_batches,
-                             config=config, model_args=model_args), os.path.join(out_dir, 'ckpt.pt'))
+                             scaler=scaler.state_dict(), step=step, epoch=epoch, epoch_step=seen,
+                             config=config, model_args=model_args), ckpt_path)
 
 
 log(dict(params_M=sum(p.numel() for p in clip.parameters()) / 1e6, steps=total_steps,
@@ -206,24 +224,28 @@ bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=Tr
 model.train()
 window = defaultdict(float)  # sums over the current log interval (tensors stay on the device until logged)
 epoch_stats = defaultdict(float)
+if seen >= loader.num_batches:  # checkpointed at the end of an epoch
+    epoch, seen = epoch + 1, 0
 while step < total_steps:
-    epoch, seen = divmod(step, loader.num_batches)
     loader.set_epoch(epoch)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     batches = iter(loader)
+    got = 0  # batches this epoch yielded: fewer than promised when shards are short, empty or unreadable
     if seen:  # resumed mid-epoch: skip what the checkpointed run already trained on (data only)
         log(dict(resume_step=step, epoch=epoch, skipping_batches=seen))
-        for _ in range(seen):
-            next(batches)
+        got = sum(1 for _ in itertools.islice(batches, seen))
     t0 = time.perf_counter()
-    for images, texts in batches:
+    for images, texts in together(batches, world_size, device):
+        got += 1
+        # Gumbel noise from a seed per rank and step: a resumed run draws what the uninterrupted one drew
+        torch.manual_seed(step_seed(seed, rank, step))
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()
         for group in optimizer.param_groups:
             group['lr'] = cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr)
-        with autocast(device, precision):
+        with autocast(device, precision), divergence_is_an_error(clip.parameters(), step, ckpt_path):
             out = model(images, texts)
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
@@ -239,6 +261,7 @@ while step < total_steps:
         sync(device)
         t2 = time.perf_counter()
         step += 1
+        seen += 1
 
         for k, v in dict(loss=loss, contrastive=contrastive, boundary=out['boundary_loss'],
                          compression=out['compression'], step_time=t2 - t1, data_time=t1 - t0, n=1).items():
@@ -247,8 +270,10 @@ while step < total_steps:
         epoch_stats['n'] += 1
         bar.update()
         if step % log_interval == 0 or step == total_steps:
+            stop_if_not_finite([window['loss']], step, ckpt_path, device, world_size)
             n = window.pop('n')
-            record = dict(step=step, epoch=step / loader.num_batches, **{k: float(v) / n for k, v in window.items()},
+            record = dict(step=step, epoch=epoch + seen / loader.num_batches,
+                          **{k: float(v) / n for k, v in window.items()},
                           lr=optimizer.param_groups[0]['lr'], logit_scale=unwrap(clip).logit_scale.exp().item(),
                           samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
                           mem_gb=peak_memory_gb(device), skipped=loader.skipped())
@@ -264,10 +289,20 @@ while step < total_steps:
         t0 = time.perf_counter()
         if step >= total_steps:
             break
+    ran_out = step < total_steps  # the loader ran out of batches (as planned, or short), rather than the steps
+    if ran_out and not got:
+        raise SystemExit(f'train_data {train_data!r}: epoch {epoch} yielded no batch of {batch_size} at all '
+                         f'({loader.skipped()} bad samples or shards skipped so far): the shards are empty, '
+                         f'unreadable, or hold fewer than batch_size good samples per reader')
+    if ran_out and got < loader.num_batches:  # end it and move on: re-entering it would skip batches that are gone
+        log(dict(short_epoch=epoch, step=step, batches=got, expected_batches=loader.num_batches,
+                 samples_short=(loader.num_batches - got) * batch_size * world_size, skipped=loader.skipped()))
     # the efficiency metrics of the design document, averaged per epoch
     log(dict(epoch_end=epoch, step=step, avg_step_time=epoch_stats['step_time'] / max(1, epoch_stats['n']),
              peak_mem_gb=peak_memory_gb(device)))
     epoch_stats.clear()
+    if ran_out:
+        epoch, seen = epoch + 1, 0
 bar.close()
 checkpoint()
 if val_loader:

@@ -27,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from train_utils import (autocast, check_settings, config_keys, configure, cosine_lr, evaluate, load_model, log_jsonl,
-                         param_groups, peak_memory_gb, read_checkpoint, replica_checksums, save_checkpoint,
-                         save_segments_png, setup_distributed, sync, teardown_distributed, unwrap)
+from train_utils import (autocast, check_resume, check_settings, config_keys, configure, cosine_lr,
+                         divergence_is_an_error, evaluate, load_model, log_jsonl, param_groups, peak_memory_gb,
+                         read_checkpoint, refuse_overwrite, replica_checksums, save_checkpoint, save_segments_png,
+                         setup_distributed, step_seed, stop_if_not_finite, sync, teardown_distributed, trim_log,
+                         unwrap)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -85,8 +87,10 @@ if head_init not in ('auto', 'zeroshot', 'random'):
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
+refuse_overwrite(out_dir, init_from, eval_only)
 os.makedirs(out_dir, exist_ok=True)
 log_file = os.path.join(out_dir, 'log.jsonl')
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
 
 def log(record):
@@ -128,10 +132,13 @@ class Classifier(nn.Module):
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
 ckpt = None
 if init_from == 'resume':
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.isfile(ckpt_path):
         raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
     ckpt = read_checkpoint(ckpt_path)
+    # the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
+    check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
+                                'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
+                                'position_prior', 'freeze_backbone', 'backbone_lr_scale', 'batch_size'], ckpt_path)
     model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
 else:
     dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
@@ -222,6 +229,8 @@ if eval_only:
 # disjoint shards on each rank.
 sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed, drop_last=True)
 steps_per_epoch = len(sampler) // batch_size
+if not steps_per_epoch:
+    raise SystemExit(f'{data_root}/train: {len(train_set)} images, fewer than one batch of {batch_size} per rank')
 total_steps = max_steps or epochs * steps_per_epoch
 optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
@@ -229,6 +238,8 @@ if ckpt is not None:
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt['scaler'])
     del ckpt
+    if master:
+        trim_log(log_file, step)
 loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 model = torch.compile(net) if compile else net
 if world_size > 1:
@@ -236,11 +247,13 @@ if world_size > 1:
 
 
 def checkpoint():
+    # the loss since the last log line and the weights: NaN weights never replace a good checkpoint
+    stop_if_not_finite([window.get('loss', 0.0), *net.parameters()], step, ckpt_path, device, world_size)
     if master:
         save_checkpoint(dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                              step=step, epoch=step // steps_per_epoch, config=config, model_args=model_args,
                              n_classes=len(train_set.classes), classes=train_set.classes,
-                             pretrained_backbone=pretrained), os.path.join(out_dir, 'ckpt.pt'))
+                             pretrained_backbone=pretrained), ckpt_path)
 
 
 log(dict(params_M=sum(p.numel() for p in net.parameters()) / 1e6,
@@ -255,18 +268,26 @@ while step < total_steps:
     if seen:  # resumed mid-epoch: skip what the checkpointed run already trained on
         log(dict(resume_step=step, epoch=epoch, skipping_batches=seen))
     loader = torch.utils.data.DataLoader(train_set, batch_size, sampler=list(sampler)[seen * batch_size:],
-                                         drop_last=True, num_workers=workers, pin_memory=device.type == 'cuda')
+                                         drop_last=True, num_workers=workers, pin_memory=device.type == 'cuda',
+                                         collate_fn=data.collate)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     epoch_stats = defaultdict(float)
+    batches = iter(loader)  # (draws the workers' seeds from the global RNG)
+    # Random crops (workers=0) and Gumbel noise draw from the global RNG: reseeded from the step here and
+    # after every step, a resumed run draws what the uninterrupted one drew (bit-exact resume).
+    torch.manual_seed(step_seed(seed, rank, step))
     t0 = time.perf_counter()
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in batches:
+        if batch is None:  # not a step: under DDP the other ranks would wait for this one forever
+            raise SystemExit(f'{data_root}/train: every image of a batch is unreadable '
+                             f'({train_set.skipped.value} skipped so far); check the data')
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()
         for group in optimizer.param_groups:
             group['lr'] = group['lr_scale'] * cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr)
-        with autocast(device, precision):
+        with autocast(device, precision), divergence_is_an_error(net.parameters(), step, ckpt_path):
             logits, aux = model(images)
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
@@ -280,6 +301,7 @@ while step < total_steps:
         sync(device)
         t2 = time.perf_counter()
         step += 1
+        torch.manual_seed(step_seed(seed, rank, step))
 
         stats = dict(loss=loss, ce=ce, boundary=aux['boundary_loss'], compression=aux['compression'],
                      step_time=t2 - t1, data_time=t1 - t0, n=1)
@@ -288,11 +310,12 @@ while step < total_steps:
             window[k], epoch_stats[k] = window[k] + v, epoch_stats[k] + v
         bar.update()
         if step % log_interval == 0 or step == total_steps:
+            stop_if_not_finite([window['loss']], step, ckpt_path, device, world_size)
             n = window.pop('n')
             record = dict(step=step, epoch=step / steps_per_epoch, **{k: float(v) / n for k, v in window.items()},
                           lr=optimizer.param_groups[0]['lr'],
                           samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
-                          mem_gb=peak_memory_gb(device))
+                          mem_gb=peak_memory_gb(device), skipped=train_set.skipped.value)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", compression=f"{record['compression']:.2f}")
             window.clear()
@@ -308,7 +331,7 @@ while step < total_steps:
                   avg_step_time=epoch_stats['step_time'] / n, peak_mem_gb=peak_memory_gb(device),
                   lr=optimizer.param_groups[0]['lr'])
     if master:
-        log(dict(record, **validate()))
+        log(dict(record, **validate(), val_skipped=val_loader.dataset.skipped.value))
     if world_size > 1:
         dist.barrier()  # the other ranks wait while rank 0 evaluates
 bar.close()

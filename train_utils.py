@@ -6,10 +6,13 @@ import ast
 import contextlib
 import dataclasses
 import difflib
+import itertools
 import json
 import math
 import os
+import shutil
 import sys
+import uuid
 from collections import defaultdict
 
 import open_clip
@@ -228,10 +231,111 @@ def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint.
+    The temporary name is unique (two runs in one out_dir do not write into each other's file), and a
+    failed write (disk full) removes it and stops the run with the path and the free space."""
+    tmp = f'{path}.{uuid.uuid4().hex[:12]}.tmp'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch reports a full disk as OSError or as RuntimeError('... file write failed')
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and 'write' in str(e)):
+            free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
+            reason = os.strerror(e.errno) if getattr(e, 'errno', None) else str(e).splitlines()[0]
+            raise SystemExit(f'could not write the checkpoint {path}: {reason} ({free:.0f} MiB free there); '
+                             f'the previous checkpoint, if any, is intact') from None
+        raise
+
+
+def refuse_overwrite(out_dir, init_from, eval_only):
+    """A new run into an out_dir that holds a checkpoint would replace it at its first save: refuse."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from != 'resume' and not eval_only and os.path.exists(path):
+        raise SystemExit(f"{path} exists: pass --init_from=resume to continue that run, or a new --out_dir "
+                         f"(or delete it) to start another")
+
+
+def check_resume(config, ckpt, keys, path):
+    """Resuming takes the architecture (and the data position) from the checkpoint: a setting in keys
+    that disagrees with the checkpoint's would be ignored, or skip the wrong samples, so refuse it."""
+    saved = ckpt.get('config', {})
+    conflicts = [f'{k}={config[k]!r} (checkpoint: {saved[k]!r})' for k in keys if k in saved and saved[k] != config[k]]
+    if conflicts:
+        raise SystemExit(f"init_from='resume': {', '.join(conflicts)} differ from {path}; resume with the "
+                         f"checkpoint's values, or start a new run in a new out_dir to change them")
+
+
+def _diverged(step, ckpt_path):
+    kept = f'{ckpt_path} is left as it was' if os.path.exists(ckpt_path) else 'no checkpoint was written'
+    return SystemExit(f'step {step}: the loss or the weights are NaN or infinite, training diverged; stopped, '
+                      f'{kept}. Try a lower lr or grad_clip > 0')
+
+
+def stop_if_not_finite(tensors, step, ckpt_path, device, world_size=1):
+    """Stop every rank when a tensor (the loss summed since the last check, the weights) holds a NaN or
+    an infinity: a diverged run must not overwrite the last good checkpoint. One host sync (and one
+    all_reduce under DDP, so that all ranks stop together): called at log and checkpoint time, not per step."""
+    finite = torch.stack([torch.as_tensor(t, device=device).isfinite().all() for t in tensors]).all().int()
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise _diverged(step, ckpt_path)
+
+
+@contextlib.contextmanager
+def divergence_is_an_error(parameters, step, ckpt_path):
+    """Around the forward pass: diverged weights (NaN, or finite but so large that activations overflow)
+    can make it crash, as learned pooling turns a NaN segment count into an integer, before the next
+    check sees them. Such a crash is reported as the divergence it is."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as e:
+        if 'NaN' not in str(e) and all(p.isfinite().all() for p in parameters):
+            raise
+        raise _diverged(step, ckpt_path) from None
+
+
+def trim_log(path, step):
+    """On resume, drop the log lines of steps after the checkpoint: the interrupted run's, which the
+    resumed run trains (and logs) again. Lines without a step (the run headers) stay; a line cut short
+    by a kill goes."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def keep(line):
+        try:
+            return json.loads(line).get('step', 0) <= step
+        except ValueError:
+            return False
+    kept = [line for line in lines if keep(line)]
+    if len(kept) < len(lines):
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+        os.replace(path + '.tmp', path)
+
+
+def together(batches, world_size, device):
+    """The batches, for as long as every rank has one: under DDP, a rank whose shards ran out early would
+    leave the others waiting at their next collective. One all_reduce (and host sync) per step, DDP only."""
+    for batch in itertools.chain(batches, [None]):
+        if world_size > 1:
+            have = torch.tensor(int(batch is not None), device=device)
+            dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            batch = batch if have.item() else None
+        if batch is None:
+            return
+        yield batch
+
+
+def step_seed(seed, rank, step):
+    """A seed for the global RNG at a step: a function of (seed, rank, step) alone, so that a resumed
+    run draws the same random numbers from that step on as the run it continues."""
+    return hash((seed, rank, step))
 
 
 def unwrap(model):
@@ -283,20 +387,25 @@ def boundary_confidence(logits, boundaries):
 @torch.no_grad()
 def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None):
     """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
-    over a loader of (images, labels). With object_patches ((n, N) bool, one row per image in loader
-    order, see data.shapes_object_patches), also segment_purity, object_tokens and, when there is a
-    predictor, its boundary_prob_std and boundary_margin (see segment_quality, boundary_confidence)."""
+    over a loader of (images, labels) batches (None batches skipped). With object_patches ((n, N) bool,
+    one row per image in loader order, see data.shapes_object_patches), also segment_purity,
+    object_tokens and, when there is a predictor, its boundary_prob_std and boundary_margin (see
+    segment_quality, boundary_confidence), over the batches that lost no unreadable image."""
     correct1 = correct5 = n = patches = segments = 0
     sums = defaultdict(float)
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for i, batch in enumerate(loader):
+        if batch is None:  # every image of it unreadable (data.collate), and counted as skipped
+            continue
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         with autocast(device, precision):
             logits, aux = logits_fn(images)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
-        if object_patches is not None:
-            for k, v in segment_quality(aux['segment_ids'], object_patches[n:n + len(labels)].to(device)).items():
+        objects = None if object_patches is None else object_patches[i * loader.batch_size:][:loader.batch_size]
+        if objects is not None and len(objects) == len(labels):  # else an image was skipped: rows unknown
+            sums['images'] += len(labels)
+            for k, v in segment_quality(aux['segment_ids'], objects.to(device)).items():
                 sums[k] += v
             if 'boundary_logits' in aux:
                 for k, v in boundary_confidence(aux['boundary_logits'], aux['boundaries']).items():
@@ -305,11 +414,11 @@ def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None):
         patches += aux['boundaries'].numel()
         segments += aux['n_segments'].sum().item()
     result = dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)
-    if object_patches is not None:
+    if sums['images']:
         result.update(segment_purity=sums['pure'] / sums['segments'],
                       object_tokens=sums['object_tokens'] / max(1, sums['images_with_object']))
         if 'prob_std' in sums:
-            result.update(boundary_prob_std=sums['prob_std'] / n,
+            result.update(boundary_prob_std=sums['prob_std'] / sums['images'],
                           boundary_margin=sums['margin'] / max(1, sums['images_with_margin']))
     return result
 

@@ -23,6 +23,7 @@ aten::scaled_dot_product_attention, which our attention calls, so a handle is re
 """
 import argparse
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -385,8 +386,9 @@ def checkpoint_rows(args, device):
 # -----------------------------------------------------------------------------------------------
 # --bench: what the FLOP savings buy in wall-clock time and memory
 
-def bench_towers(base, ratios):
-    """The plain ViT and a gumbel DTP-ViT per ratio, with the same weights (only the predictor is new)."""
+def bench_towers(base, ratios, tome_rs=()):
+    """The plain ViT, a gumbel DTP-ViT per ratio, and ToMe per r of tome_rs, with the same weights (only
+    the predictor is new)."""
     torch.manual_seed(0)
     plain = DTPViT(base)
     towers = [(None, plain)]
@@ -395,6 +397,8 @@ def bench_towers(base, ratios):
         missing, unexpected = tower.load_state_dict(plain.state_dict(), strict=False)
         assert not unexpected and all(k.startswith('predictor.') for k in missing), (missing, unexpected)
         towers.append((r, tower))
+    for r in tome_rs:  # ToMe runs a copy of the plain ViT itself
+        towers.append((r, tome.patch(copy.deepcopy(plain), r)))
     return towers
 
 
@@ -430,14 +434,14 @@ def peak_memory_gb(run, tower, device):
     return (weights + (rss_kb('VmHWM') - before) * 1024) / 1e9
 
 
-def bench_rows(args, base, ratios, device):
+def bench_rows(args, base, ratios, device, tome_rs=()):
     cuda = device == 'cuda'
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     batch, N = args.batch_size, base.n_patches
     images = torch.randn(batch, 3, base.image_size, base.image_size,
                          generator=torch.Generator().manual_seed(0)).to(device)
-    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios)]
+    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios, tome_rs)]
 
     def interleaved(fns, warmup):
         """Median seconds of each fn, timed round-robin so that background load hits every row alike."""
@@ -492,14 +496,17 @@ def bench_rows(args, base, ratios, device):
     for (r, tower), s_eval, t_inf, t_train, segs, mem in zip(towers, eval_segments, infer_s, train_s,
                                                              train_segments, memory):
         cfg = tower.cfg
-        ideal = gmacs(base) / gmacs(cfg, s_eval)  # the FLOP ratio at the segments inference ran
-        rows.append(dict(arch=args.model, pooling='none' if r is None else 'dtp', ratio=1.0 if r is None else float(r),
-                         bench_tokens=1 + s_eval, bench_gmacs=gmacs(cfg, s_eval), params=n_params(tower),
+        pooling = 'tome' if hasattr(tower, 'tome_r') else 'none' if r is None else 'dtp'
+        cost = tome_gmacs(base, r) if pooling == 'tome' else gmacs(cfg, s_eval)
+        ideal = gmacs(base) / cost  # the FLOP ratio at the segments (tokens) inference ran
+        ratio = None if pooling == 'tome' else 1.0 if r is None else float(r)
+        rows.append(dict(arch=args.model, pooling=pooling, ratio=ratio, **({'tome_r': r} if pooling == 'tome' else {}),
+                         bench_tokens=1 + s_eval, bench_gmacs=cost, params=n_params(tower),
                          train_tokens=1 + statistics.fmean(float(s) for s in segs),
                          throughput=batch / t_inf, train_step_s=t_train, peak_mem_gb=mem, ideal=ideal,
                          device=device, batch_size=batch, repeats=args.repeats,
-                         mode='plain ViT' if r is None else
-                         'inference: eval, top-k boundaries; training: Gumbel boundaries'))
+                         mode={'none': 'plain ViT', 'tome': 'ToMe: the same merges in inference and training',
+                               'dtp': 'inference: eval, top-k boundaries; training: Gumbel boundaries'}[pooling]))
     for row in rows:
         row['speedup'] = row['throughput'] / rows[0]['throughput']
         row['train_speedup'] = rows[0]['train_step_s'] / row['train_step_s']
@@ -507,7 +514,9 @@ def bench_rows(args, base, ratios, device):
 
 
 BENCH_COLUMNS = [
-    ('arch', lambda r: r['arch']), ('ratio', lambda r: '-' if r['pooling'] == 'none' else f"{r['ratio']:g}"),
+    ('arch', lambda r: r['arch']),
+    ('ratio', lambda r: '-' if r['pooling'] == 'none' else
+     format_r(r['tome_r']) if r['pooling'] == 'tome' else f"{r['ratio']:g}"),
     ('tokens', lambda r: f"{r['bench_tokens']:g}"), ('img/s', lambda r: f"{r['throughput']:.1f}"),
     ('speedup', lambda r: f"{r['speedup']:.2f}x"), ('ideal', lambda r: f"{r['ideal']:.2f}x"),
     ('quotient', lambda r: f"{r['speedup'] / r['ideal']:.0%}"),
@@ -626,7 +635,7 @@ def main(argv=None):
             print_table(FLOP_COLUMNS, rows)
         say(f"\nnot counted (element-wise): {', '.join(op.replace('aten::', '') for op in uncounted)}")
         if args.bench:
-            bench = bench_rows(args, base, ratios, device)
+            bench = bench_rows(args, base, ratios, device, tome_rs)
             for row, b in zip(rows, bench):
                 row.update(b)
             precision = 'bf16 autocast' if device == 'cuda' else 'fp32'
@@ -637,6 +646,9 @@ def main(argv=None):
                 "training in train mode (Gumbel-sampled boundaries: train tokens is their mean; the blocks pack")
             say("  the real tokens, attention alone runs padded to the batch's largest count; the predictor is "
                 "untrained, so segment counts vary as much as a given rate allows)")
+            if tome_rs:
+                say("ToMe rows run a copy of the plain ViT's weights with its merges (tome.py); tokens = tokens "
+                    "reaching ln_post")
             say("train step = forward + loss on the features + boundary loss + backward + AdamW (fused); "
                 "ideal = FLOP ratio at the inference segment count; quotient = measured speedup / ideal")
             say("peak mem = weights + peak growth over two training steps from a fresh optimizer: " +

@@ -280,3 +280,21 @@ def test_tome_rows_in_the_cli():
         assert row['tokens'] == row['tokens_per_block'][-1] - min(r if isinstance(r, int) else r[-1],
                                                                   (row['tokens_per_block'][-1] - 1) // 2)
     assert rows[3]['rel_cost'] == pytest.approx(0.42, abs=0.01)
+
+
+def test_bench_smoke_with_tome():
+    """--bench times ToMe beside the plain ViT and DTP (ViT-S-32 at 64 px: 4 patches + [CLS], r = 1:
+    5 -> 4 -> 3 -> 2 tokens, then no more merges)."""
+    threads = torch.get_num_threads()
+    try:
+        rows = flops.main(['--model', 'ViT-S-32', '--image-size', '64', '--ratio', '2', '--tome-r', '1', '--bench',
+                           '--batch-size', '2', '--repeats', '1', '--threads', '1', '--json'])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r['pooling'] for r in rows] == ['none', 'dtp', 'tome']
+    plain, _, merged = rows
+    base = flops.base_config('ViT-S-32', 64)
+    assert merged['tome_r'] == 1 and merged['bench_tokens'] == merged['tokens'] == 2
+    assert merged['ideal'] == pytest.approx(flops.gmacs(base) / flops.tome_gmacs(base, 1))
+    assert merged['throughput'] > 0 and merged['train_step_s'] > 0 and merged['peak_mem_gb'] > 0
+    assert merged['params'] == plain['params'] and merged['train_tokens'] == 2

@@ -92,10 +92,10 @@ def new_positions(L, kept, src, dst):
 
 def block_forward(block, x, size, r):
     """One transformer block with ToMe: x (B, L, D), size (B, L, 1) float32 (patches per token), or
-    None while every token is one patch. Returns x (B, L - r', D), size, and the positions of
-    new_positions (None when nothing merged),
-    where r' = clamp_r(r, L). The block's own parameters, computed as model.Attention does, except
-    that the keys are kept for the matching and log(size) is added to the attention logits."""
+    None while every token is one patch. Returns x (B, L - r', D) with r' = clamp_r(r, L), its sizes,
+    and where each old token went (new_positions; None when nothing merged). The block's own
+    parameters, computed as model.Attention does, except that the keys are kept for the matching and
+    log(size) is added to the attention logits."""
     attn = block.attn
     B, L, D = x.shape
     qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
@@ -152,9 +152,9 @@ def tome_forward(vit, images, r, boundaries=None):
         size = x.new_ones(B, S + 1, 1, dtype=torch.float32)
     if cfg.pool == 'cls':
         features = vit.ln_post(x[:, 0])
-    else:  # the mean over the patches: each token weighs as many patches as it holds
-        w = size[:, 1:].to(x.dtype)
-        features = (vit.ln_post(x[:, 1:]) * w).sum(1) / w.sum(1)
+    else:  # the mean over the patches: each token weighs as many patches as it holds (in float32, as the sizes)
+        tokens, w = vit.ln_post(x[:, 1:]), size[:, 1:]
+        features = ((tokens.float() * w).sum(1) / w.sum(1)).to(tokens.dtype)
     features = features @ vit.proj
 
     segment_ids = token_of - 1

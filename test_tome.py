@@ -1,11 +1,13 @@
-"""Tests of tome.py (Token Merging on the plain ViT), on tiny towers: 64 patches of 4x4 pixels."""
+"""Tests of tome.py (Token Merging on the plain ViT), on tiny towers (64 patches of 4x4 pixels) and a small
+OpenCLIP checkpoint."""
 import copy
 
+import open_clip
 import pytest
 import torch
 
 import tome
-from model import DTPConfig, DTPViT
+from model import DTPConfig, DTPViT, load_openclip
 
 
 def tiny_vit(seed=0, **kw):
@@ -172,3 +174,18 @@ def test_patch_keeps_the_module_and_its_weights():
         assert torch.equal(tome.unpatch(vit)(x)[0], plain)
     with pytest.raises(ValueError, match="boundary='none'"):
         tome.patch(tiny_vit(boundary='fixed', pre_layers=1, short_layers=1), 4)
+
+
+def test_runs_on_an_openclip_checkpoint(tmp_path):
+    """An OpenCLIP checkpoint loaded with boundary='none': r = 0 is OpenCLIP's encode_image, r > 0 merges.
+    (A random ViT-S-32 at 64 px: 4 patches + [CLS].)"""
+    torch.manual_seed(0)
+    ref = open_clip.create_model('ViT-S-32', force_image_size=64).eval()
+    torch.save(ref.state_dict(), tmp_path / 'openclip.pt')
+    vit = load_openclip('ViT-S-32', str(tmp_path / 'openclip.pt'), image_size=64, boundary='none').visual.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref.encode_image(x)
+        assert (tome.tome_forward(vit, x, 0)[0] - expected).abs().max() <= 1e-5
+        merged, aux = tome.tome_forward(vit, x, 1)
+    assert aux['n_segments'].tolist() == [1, 1] and not torch.allclose(merged, expected, atol=1e-3)

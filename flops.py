@@ -5,6 +5,7 @@ speed they actually reach.
     python flops.py --ratio 4                        # plain ViT-B-32, then DTP-ViT at 4x
     python flops.py --model ViT-B-16 --json          # ratios 1 2 4 10, one JSON list
     python flops.py --bench [--threads 1]            # + throughput, train step, peak memory
+    python flops.py --tome-r 8 --tome-cost 0.6 0.42  # + ToMe rows (tome.py): r=8, and costs matched to 0.6, 0.42
     python flops.py --checkpoint ckpt.pt --data data/shapes/val   # what a trained model spends
 
 GMACs are fvcore's "flops": one multiply-add counts as one FLOP. GFLOPs = 2 x GMACs, the figure
@@ -22,6 +23,7 @@ aten::scaled_dot_product_attention, which our attention calls, so a handle is re
 """
 import argparse
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -41,6 +43,7 @@ from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, 
                                    linear_flop_jit, matmul_flop_jit)
 
 import data
+import tome
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip, read_checkpoint
 from train_utils import boundary_confidence, segment_quality
 
@@ -137,6 +140,89 @@ def padded_gmacs(cfg, n_segments, padded_to):
 
 
 # -----------------------------------------------------------------------------------------------
+# ToMe (tome.py) on the plain ViT, in the same convention
+
+def tome_closed_form(cfg: DTPConfig, r):
+    """MACs per image of ToMe on the plain ViT of cfg (every block, whatever pre_layers says), with r
+    tokens merged per block (an int or one per block), by component, counting what the code runs and
+    fvcore counts. Block i takes L_i tokens: its qkv + out projections and attention matmuls run at
+    L_i; then r_i = min(r, (L_i - 1) // 2) tokens merge, and its MLP runs at L_i - r_i. The matching
+    of a block that merges adds one matmul, the cosine similarities of set A (ceil(L_i / 2) tokens)
+    with set B (floor(L_i / 2)) on the keys averaged over heads (width / heads each). Not counted,
+    as everywhere here: the element-wise rest of the matching (normalising, max, argsort, gathers,
+    scatter-adds), the size-weighted averages and the log(size) attention mask."""
+    D, N, p = cfg.width, cfg.n_patches, cfg.patch_size
+    hidden = int(D * cfg.mlp_ratio)
+    counts = tome.token_counts(N + 1, tome.schedule(r, cfg.pre_layers + cfg.short_layers))
+    blocks = list(zip(counts[:-1], counts[1:]))  # (tokens in, tokens after the merge) of each block
+    return {
+        'patch embedding': N * 3 * p * p * D,
+        'qkv + out projections': sum(L * D * 3 * D + L * D * D for L, _ in blocks),
+        'attention matmuls': sum(2 * L * L * D for L, _ in blocks),
+        'matching': sum((L + 1) // 2 * (L // 2) * (D // cfg.heads) for L, M in blocks if M < L),
+        'MLPs': sum(2 * M * D * hidden for _, M in blocks),
+        'projection': D * cfg.embed_dim,
+    }
+
+
+def tome_gmacs(cfg, r):
+    return sum(tome_closed_form(cfg, r).values()) / 1e9
+
+
+def tome_r_for_cost(cfg, rel_cost, per_block=False):
+    """The ToMe r whose cost (closed form) is nearest rel_cost x the plain ViT's, e.g. 0.6 or 0.42 to
+    sit beside DTP at 2x or 4x on ViT-B-32 (pre_layers 2). The cost falls as r grows, down to where
+    every block halves the tokens (r >= (N + 1) // 2 saturates). per_block=False: the nearest constant
+    r (the paper's setting; on short sequences one step of r moves the cost by several percent).
+    per_block=True: a finer match, r + 1 in the first k blocks and r in the rest (a list, or an int when
+    k is 0)."""
+    plain, depth = gmacs(dataclasses.replace(cfg, boundary='none')), cfg.pre_layers + cfg.short_layers
+
+    def miss(r):
+        return abs(tome_gmacs(cfg, r) / plain - rel_cost)
+    r = min(range(cfg.n_patches // 2 + 1), key=miss)
+    if not per_block:
+        return r
+    # the cost is monotone in r and in k, so the best schedule lies between r - 1 and r + 1 everywhere
+    candidates = [[r] * depth] + [[low + 1] * k + [low] * (depth - k) for low in (max(r - 1, 0), r)
+                                  for k in range(1, depth)]  # the constant r first: it wins ties
+    best = min(candidates, key=miss)
+    return best[0] if len(set(best)) == 1 else best
+
+
+def format_r(r):
+    """A ToMe schedule in short: r=8, or r=[4]*5+[3]*7 for 4 in the first 5 blocks, then 3."""
+    if isinstance(r, int):
+        return f'r={r}'
+    runs = []
+    for v in r:
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return 'r=' + '+'.join(f'[{v}]*{n}' for v, n in runs)
+
+
+def tome_rows(base, rs, plain_macs, common):
+    """FLOP-table rows of ToMe with each r of rs on the plain ViT of base: fvcore's count of the patched
+    tower and the closed form. tokens: the tokens that reach ln_post ([CLS] included). Also returns the
+    ops fvcore left uncounted."""
+    images = torch.zeros(1, 3, base.image_size, base.image_size)
+    depth, rows, uncounted = base.pre_layers + base.short_layers, [], set()
+    for r in rs:
+        tower = tome.patch(DTPViT(base), r)
+        analysis = fvcore_count(tower, images)
+        macs = analysis.total()
+        uncounted |= set(analysis.unsupported_ops())
+        counts = tome.token_counts(base.n_patches + 1, tome.schedule(r, depth))
+        rows.append(dict(common, pooling='tome', ratio=None, tome_r=r, tokens=counts[-1], tokens_per_block=counts[:-1],
+                         macs=macs, gmacs=macs / 1e9, gflops=2 * macs / 1e9, closed_form_gmacs=tome_gmacs(base, r),
+                         params=n_params(tower), rel_cost=macs / plain_macs,
+                         overhead_gmacs=tome_closed_form(base, r)['matching'] / 1e9))
+    return rows, uncounted
+
+
+# -----------------------------------------------------------------------------------------------
 # The FLOP table
 
 @contextlib.contextmanager
@@ -195,7 +281,8 @@ def print_table(columns, rows):
 
 FLOP_COLUMNS = [
     ('arch', lambda r: r['arch']), ('pooling', lambda r: r['pooling']),
-    ('ratio', lambda r: '-' if r['pooling'] == 'none' else f"{r['ratio']:g}"),
+    ('ratio', lambda r: '-' if r['pooling'] == 'none' else
+     format_r(r['tome_r']) if r['pooling'] == 'tome' else f"{r['ratio']:g}"),
     ('tokens', lambda r: f"{r['tokens']:g}"), ('GMACs', lambda r: f"{r['gmacs']:.3f}"),
     ('GFLOPs', lambda r: f"{r['gflops']:.2f}"), ('params', lambda r: f"{r['params'] / 1e6:.2f}M"),
     ('rel. cost', lambda r: f"{r['rel_cost']:.3f}"),
@@ -299,8 +386,9 @@ def checkpoint_rows(args, device):
 # -----------------------------------------------------------------------------------------------
 # --bench: what the FLOP savings buy in wall-clock time and memory
 
-def bench_towers(base, ratios):
-    """The plain ViT and a gumbel DTP-ViT per ratio, with the same weights (only the predictor is new)."""
+def bench_towers(base, ratios, tome_rs=()):
+    """The plain ViT, a gumbel DTP-ViT per ratio, and ToMe per r of tome_rs, with the same weights (only
+    the predictor is new)."""
     torch.manual_seed(0)
     plain = DTPViT(base)
     towers = [(None, plain)]
@@ -309,6 +397,8 @@ def bench_towers(base, ratios):
         missing, unexpected = tower.load_state_dict(plain.state_dict(), strict=False)
         assert not unexpected and all(k.startswith('predictor.') for k in missing), (missing, unexpected)
         towers.append((r, tower))
+    for r in tome_rs:  # ToMe runs a copy of the plain ViT itself
+        towers.append((r, tome.patch(copy.deepcopy(plain), r)))
     return towers
 
 
@@ -344,14 +434,14 @@ def peak_memory_gb(run, tower, device):
     return (weights + (rss_kb('VmHWM') - before) * 1024) / 1e9
 
 
-def bench_rows(args, base, ratios, device):
+def bench_rows(args, base, ratios, device, tome_rs=()):
     cuda = device == 'cuda'
     autocast = (lambda: torch.autocast('cuda', dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     batch, N = args.batch_size, base.n_patches
     images = torch.randn(batch, 3, base.image_size, base.image_size,
                          generator=torch.Generator().manual_seed(0)).to(device)
-    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios)]
+    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios, tome_rs)]
 
     def interleaved(fns, warmup):
         """Median seconds of each fn, timed round-robin so that background load hits every row alike."""
@@ -406,14 +496,17 @@ def bench_rows(args, base, ratios, device):
     for (r, tower), s_eval, t_inf, t_train, segs, mem in zip(towers, eval_segments, infer_s, train_s,
                                                              train_segments, memory):
         cfg = tower.cfg
-        ideal = gmacs(base) / gmacs(cfg, s_eval)  # the FLOP ratio at the segments inference ran
-        rows.append(dict(arch=args.model, pooling='none' if r is None else 'dtp', ratio=1.0 if r is None else float(r),
-                         bench_tokens=1 + s_eval, bench_gmacs=gmacs(cfg, s_eval), params=n_params(tower),
+        pooling = 'tome' if hasattr(tower, 'tome_r') else 'none' if r is None else 'dtp'
+        cost = tome_gmacs(base, r) if pooling == 'tome' else gmacs(cfg, s_eval)
+        ideal = gmacs(base) / cost  # the FLOP ratio at the segments (tokens) inference ran
+        ratio = None if pooling == 'tome' else 1.0 if r is None else float(r)
+        rows.append(dict(arch=args.model, pooling=pooling, ratio=ratio, **({'tome_r': r} if pooling == 'tome' else {}),
+                         bench_tokens=1 + s_eval, bench_gmacs=cost, params=n_params(tower),
                          train_tokens=1 + statistics.fmean(float(s) for s in segs),
                          throughput=batch / t_inf, train_step_s=t_train, peak_mem_gb=mem, ideal=ideal,
                          device=device, batch_size=batch, repeats=args.repeats,
-                         mode='plain ViT' if r is None else
-                         'inference: eval, top-k boundaries; training: Gumbel boundaries'))
+                         mode={'none': 'plain ViT', 'tome': 'ToMe: the same merges in inference and training',
+                               'dtp': 'inference: eval, top-k boundaries; training: Gumbel boundaries'}[pooling]))
     for row in rows:
         row['speedup'] = row['throughput'] / rows[0]['throughput']
         row['train_speedup'] = rows[0]['train_step_s'] / row['train_step_s']
@@ -421,7 +514,9 @@ def bench_rows(args, base, ratios, device):
 
 
 BENCH_COLUMNS = [
-    ('arch', lambda r: r['arch']), ('ratio', lambda r: '-' if r['pooling'] == 'none' else f"{r['ratio']:g}"),
+    ('arch', lambda r: r['arch']),
+    ('ratio', lambda r: '-' if r['pooling'] == 'none' else
+     format_r(r['tome_r']) if r['pooling'] == 'tome' else f"{r['ratio']:g}"),
     ('tokens', lambda r: f"{r['bench_tokens']:g}"), ('img/s', lambda r: f"{r['throughput']:.1f}"),
     ('speedup', lambda r: f"{r['speedup']:.2f}x"), ('ideal', lambda r: f"{r['ideal']:.2f}x"),
     ('quotient', lambda r: f"{r['speedup'] / r['ideal']:.0%}"),
@@ -445,12 +540,34 @@ def ratio(text):
     return r
 
 
+def tome_r_arg(text):
+    """--tome-r: tokens merged per block, an int >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ToMe r: tokens merged per block, an int >= 0")
+    return int(text)
+
+
+def rel_cost_arg(text):
+    """--tome-cost: a fraction of the plain ViT's cost, in (0, 1]."""
+    try:
+        c = float(text)
+    except ValueError:
+        c = None
+    if c is None or not 0 < c <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a relative cost: a fraction of the plain ViT's, in (0, 1]")
+    return c
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='ViT-B-32', help='OpenCLIP ViT config (default ViT-B-32)')
     parser.add_argument('--ratio', type=ratio, nargs='+', help='compression ratios (default 1 2 4 10)')
     parser.add_argument('--image-size', type=int, help="input resolution (default: the config's)")
     parser.add_argument('--pre-layers', type=int, help='full-length blocks before pooling (default 2)')
+    parser.add_argument('--tome-r', type=tome_r_arg, nargs='+', help='also ToMe (tome.py) rows: r tokens merged per block')
+    parser.add_argument('--tome-cost', type=rel_cost_arg, nargs='+',
+                        help="also ToMe rows at the schedule whose cost is nearest this fraction of the plain ViT's "
+                             "(e.g. 0.6 0.42: DTP's 2x and 4x on ViT-B-32)")
     parser.add_argument('--json', action='store_true', help='print the rows as one JSON list')
     parser.add_argument('--bench', action='store_true', help='also measure throughput, train step, memory')
     parser.add_argument('--batch-size', type=int, help='bench/checkpoint batch (default 32 on CPU, 256 on CUDA)')
@@ -470,6 +587,8 @@ def main(argv=None):
     if args.checkpoint or args.data:
         if not (args.checkpoint and args.data):
             parser.error('--checkpoint and --data go together')
+        if args.tome_r or args.tome_cost:
+            parser.error('--tome-r and --tome-cost add rows to the FLOP table, not to --checkpoint')
         rows, cfg, segments = checkpoint_rows(args, device)
         say(f"{args.checkpoint}: {rows[0]['arch']} (width {cfg.width}, {cfg.pre_layers}+{cfg.short_layers} layers, "
             f"patch {cfg.patch_size}, {cfg.image_size}px, {cfg.n_patches} patches), boundary {cfg.boundary}, "
@@ -495,6 +614,11 @@ def main(argv=None):
         ratios = args.ratio or [1, 2, 4, 10]
         rows, base, uncounted = flop_rows(args.model, ratios, args.image_size, args.pre_layers)
         N = base.n_patches
+        tome_rs = (args.tome_r or []) + [tome_r_for_cost(base, c, per_block=True) for c in args.tome_cost or []]
+        if tome_rs:
+            more, more_uncounted = tome_rows(base, tome_rs, rows[0]['macs'], dict(
+                arch=args.model, image_size=base.image_size, pre_layers=base.pre_layers))
+            rows, uncounted = rows + more, sorted(set(uncounted) | more_uncounted)
         say(f"{args.model} image tower at {base.image_size}x{base.image_size}: {N} patches + [CLS], "
             f"{base.pre_layers} full-length + {base.short_layers} shortened layers; per image")
         say("fvcore FlopCountAnalysis with attention handles. GMACs = fvcore's count (1 multiply-add = 1 FLOP); "
@@ -502,12 +626,16 @@ def main(argv=None):
         say(f"DTP at ratio r: the gumbel model, predictor included, on evenly spaced boundaries giving "
             f"round({N}/r) segments (what evaluation keeps); tokens = tokens in the shortened layers, [CLS] included; the scan order "
             f"(raster or hilbert) only permutes the patches and leaves every count unchanged")
+        if tome_rs:
+            say(f"ToMe (tome.py) on the plain ViT, every block: r tokens merged after each block's attention "
+                f"(at most (L - 1) // 2); tokens = tokens reaching ln_post; predictor+pool = the matching's "
+                f"similarity matmuls")
         say()
         if not args.json:
             print_table(FLOP_COLUMNS, rows)
         say(f"\nnot counted (element-wise): {', '.join(op.replace('aten::', '') for op in uncounted)}")
         if args.bench:
-            bench = bench_rows(args, base, ratios, device)
+            bench = bench_rows(args, base, ratios, device, tome_rs)
             for row, b in zip(rows, bench):
                 row.update(b)
             precision = 'bf16 autocast' if device == 'cuda' else 'fp32'
@@ -518,6 +646,9 @@ def main(argv=None):
                 "training in train mode (Gumbel-sampled boundaries: train tokens is their mean; the blocks pack")
             say("  the real tokens, attention alone runs padded to the batch's largest count; the predictor is "
                 "untrained, so segment counts vary as much as a given rate allows)")
+            if tome_rs:
+                say("ToMe rows run a copy of the plain ViT's weights with its merges (tome.py); tokens = tokens "
+                    "reaching ln_post")
             say("train step = forward + loss on the features + boundary loss + backward + AdamW (fused); "
                 "ideal = FLOP ratio at the inference segment count; quotient = measured speedup / ideal")
             say("peak mem = weights + peak growth over two training steps from a fresh optimizer: " +

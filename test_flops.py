@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import flops
+import tome
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
 
 RATIOS = [1, 2, 4, 10]
@@ -230,9 +231,70 @@ def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
     (['--model', 'RN50'], 'RN50 is not a plain OpenCLIP ViT'),
     (['--model', 'ViT-B-23'], "unknown OpenCLIP model 'ViT-B-23'"),
     (['--checkpoint', 'README.md', '--data', '.'], 'README.md is not a readable checkpoint'),
+    (['--tome-r', '-1'], "'-1' is not a ToMe r"),
+    (['--tome-cost', '2'], "'2' is not a relative cost"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
     proc = subprocess.run([sys.executable, 'flops.py', *args], cwd=Path(__file__).parent, capture_output=True,
                           text=True)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
+
+
+# ToMe (tome.py) on the plain ViT
+
+@pytest.mark.parametrize('r', [8, [0, 4, 8, 2, 0, 30, 1, 1, 1, 1, 1, 1]])
+def test_tome_fvcore_equals_closed_form(r):
+    """fvcore's count of the patched ViT-B-32 tower agrees with tome_closed_form, and the matching's
+    similarity matmuls are in it: the only matmuls besides the final projection."""
+    base = flops.base_config('ViT-B-32')
+    analysis = flops.fvcore_count(tome.patch(DTPViT(base), r), torch.zeros(1, 3, 224, 224))
+    parts = flops.tome_closed_form(base, r)
+    assert analysis.total() == pytest.approx(sum(parts.values()), rel=0.005)
+    assert analysis.by_operator()['matmul'] == parts['matching'] + parts['projection'] and parts['matching'] > 0
+    zero = flops.tome_closed_form(base, 0)  # r = 0: the plain ViT's count
+    assert zero['matching'] == 0 and sum(zero.values()) == sum(flops.closed_form(base).values())
+
+
+def test_tome_r_for_cost_matches_dtp():
+    """The schedules chosen for DTP's 2x and 4x costs on ViT-B-32 land within 1% of them; the constant
+    r is the nearest constant, and the cost falls as r grows."""
+    base = flops.base_config('ViT-B-32')
+    plain = flops.gmacs(base)
+    costs = [flops.tome_gmacs(base, r) for r in range(26)]
+    assert all(a >= b for a, b in zip(costs, costs[1:])) and costs[0] == pytest.approx(plain)
+    for ratio in (2, 4):
+        target = flops.gmacs(dataclasses.replace(base, boundary='gumbel', compression=ratio)) / plain
+        r = flops.tome_r_for_cost(base, target)
+        assert isinstance(r, int) and abs(costs[r] / plain - target) == min(abs(c / plain - target) for c in costs)
+        schedule = flops.tome_r_for_cost(base, target, per_block=True)
+        assert flops.tome_gmacs(base, schedule) / plain == pytest.approx(target, abs=0.01)
+
+
+def test_tome_rows_in_the_cli():
+    rows = flops.main(['--ratio', '4', '--tome-r', '8', '--tome-cost', '0.42', '--json'])
+    assert [r['pooling'] for r in rows] == ['none', 'dtp', 'tome', 'tome']
+    base = flops.base_config('ViT-B-32')
+    for row, r in zip(rows[2:], [8, flops.tome_r_for_cost(base, 0.42, per_block=True)]):
+        assert row['tome_r'] == r and row['gmacs'] == pytest.approx(flops.tome_gmacs(base, r), rel=0.005)
+        assert row['tokens'] == row['tokens_per_block'][-1] - min(r if isinstance(r, int) else r[-1],
+                                                                  (row['tokens_per_block'][-1] - 1) // 2)
+    assert rows[3]['rel_cost'] == pytest.approx(0.42, abs=0.01)
+
+
+def test_bench_smoke_with_tome():
+    """--bench times ToMe beside the plain ViT and DTP (ViT-S-32 at 64 px: 4 patches + [CLS], r = 1:
+    5 -> 4 -> 3 -> 2 tokens, then no more merges)."""
+    threads = torch.get_num_threads()
+    try:
+        rows = flops.main(['--model', 'ViT-S-32', '--image-size', '64', '--ratio', '2', '--tome-r', '1', '--bench',
+                           '--batch-size', '2', '--repeats', '1', '--threads', '1', '--json'])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r['pooling'] for r in rows] == ['none', 'dtp', 'tome']
+    plain, _, merged = rows
+    base = flops.base_config('ViT-S-32', 64)
+    assert merged['tome_r'] == 1 and merged['bench_tokens'] == merged['tokens'] == 2
+    assert merged['ideal'] == pytest.approx(flops.gmacs(base) / flops.tome_gmacs(base, 1))
+    assert merged['throughput'] > 0 and merged['train_step_s'] > 0 and merged['peak_mem_gb'] > 0
+    assert merged['params'] == plain['params'] and merged['train_tokens'] == 2

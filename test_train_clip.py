@@ -296,3 +296,19 @@ def test_imagenet_val_must_hold_the_1000_classes(tmp_path):
         shutil.copy(next(iter(sorted(data.Path(data.make_shapes()['val']).rglob('*.jpg')))), tmp_path / 'val' / c)
     proc = run(TINY, f'--out_dir={tmp_path / "run"}', f'--imagenet_val={tmp_path / "val"}', check=False)
     assert proc.returncode != 0 and 'has 3 class folders' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_tome_trains_and_evaluates_the_plain_tower(tmp_path):
+    """tome_r > 0: the plain tower merges tokens in training and zero-shot evaluation (16 patches,
+    2 blocks, 2 merged in each: 12 patch tokens left, compression 16 / 12); the checkpoint holds the
+    plain ViT's weights. With a DTP tower it is a config error."""
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=2', '--log_interval=1', '--boundary=none', '--tome_r=2')
+    logged = records(out)
+    assert [r['compression'] for r in logged if 'loss' in r] == pytest.approx([16 / 12] * 2)
+    assert [r for r in logged if 'zeroshot_top1' in r][-1]['eval_compression'] == pytest.approx(16 / 12)
+    keys = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+    assert 'visual.proj' in keys and not any('predictor' in k for k in keys)
+    proc = run(TINY, f'--out_dir={tmp_path}', '--tome_r=2', check=False)
+    assert proc.returncode != 0 and "config error: tome_r=2" in proc.stderr and "boundary='none'" in proc.stderr
+    assert 'Traceback' not in proc.stderr

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import tome
 from train_utils import (autocast, check_resume, check_settings, config_keys, configure, cosine_lr,
                          divergence_is_an_error, evaluate, load_model, log_jsonl, param_groups, peak_memory_gb,
                          read_checkpoint, refuse_overwrite, replica_checksums, save_checkpoint, save_segments_png,
@@ -57,6 +58,7 @@ position_prior = 0.0        # > 0: learned per-position boundary bias, starting 
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
+tome_r = 0                  # ToMe: tokens merged per block (0: off); needs boundary='none'
 # optimisation
 batch_size = 128            # per GPU
 epochs = 16
@@ -75,6 +77,9 @@ seed = 0
 config = configure({k: globals()[k] for k in config_keys(globals())})
 check_settings(config)
 globals().update(config)
+if tome_r and (tome_r < 0 or boundary != 'none'):
+    raise SystemExit(f"config error: tome_r={tome_r}: ToMe (tome.py) merges the plain ViT's tokens, so it needs "
+                     f"tome_r >= 0 and boundary='none' (got boundary={boundary!r})")
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
@@ -130,6 +135,8 @@ clip = load_model(model_args)
 model_args['pretrained'] = None  # weights come from the checkpoint from now on
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
+if tome_r:  # the ToMe baseline: the image tower's forward, in training and evaluation; its weights stay as they are
+    tome.patch(clip.visual, tome_r)
 clip.to(device)
 tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
 train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_size)

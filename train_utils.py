@@ -430,7 +430,10 @@ def save_segments_png(path, images, segment_ids, grid_size, mean, std, nrow=8):
     order one may wrap from the end of a row to the start of the next)."""
     from PIL import Image, ImageDraw
     images = images.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
-    images = (images.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+    images = images.clamp(0, 1)
+    if images.shape[-1] < 96:  # small images (the 48 px demo): enlarged, so that the segments can be seen
+        images = torch.nn.functional.interpolate(images, scale_factor=math.ceil(96 / images.shape[-1]))
+    images = (images * 255).byte().permute(0, 2, 3, 1).numpy()
     seg = segment_ids.view(-1, *grid_size).cpu()
     H, W = images.shape[1:3]
     ph, pw = H // grid_size[0], W // grid_size[1]

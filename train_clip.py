@@ -304,7 +304,7 @@ while step < total_steps:
     if ran_out and got < loader.num_batches:  # end it and move on: re-entering it would skip batches that are gone
         log(dict(short_epoch=epoch, step=step, batches=got, expected_batches=loader.num_batches,
                  samples_short=(loader.num_batches - got) * batch_size * world_size, skipped=loader.skipped()))
-    # the efficiency metrics of the design document, averaged per epoch
+    # the efficiency metrics (step time, peak memory), averaged per epoch
     log(dict(epoch_end=epoch, step=step, avg_step_time=epoch_stats['step_time'] / max(1, epoch_stats['n']),
              peak_mem_gb=peak_memory_gb(device)))
     epoch_stats.clear()

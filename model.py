@@ -52,6 +52,9 @@ class DTPConfig:
                                    # or 'topk' (Gumbel-top-k: exactly the count evaluation takes)
     position_prior: float = 0.0    # > 0: a learned per-position logit bias, initialised to +-this at the
                                    # evenly spaced boundaries, so the predictor starts as fixed pooling
+    detach_predictor_input: bool = False  # True: the predictor reads the pre-layer tokens without sending
+                                   # its straight-through gradient back into them (the backbone learns
+                                   # from the task only)
     eval_boundaries: str = 'topk'  # eval: 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
     scan: str = 'raster'           # order of the patches that segments are runs of: 'raster' or 'hilbert'
     predictor_hidden: Optional[int] = None  # hidden size of the boundary predictor (None: width)
@@ -346,7 +349,8 @@ class DTPViT(nn.Module):
             return fixed_boundaries(B, N, cfg.n_segments, patches.device), None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
-            logits = float32_call(self.predictor, patches).squeeze(-1)
+            inputs = patches.detach() if cfg.detach_predictor_input else patches
+            logits = float32_call(self.predictor, inputs).squeeze(-1)
             if cfg.position_prior > 0:
                 logits = logits + self.predictor.position_bias.float()
         if self.training:

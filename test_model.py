@@ -597,3 +597,16 @@ def test_images_of_the_wrong_size_are_refused(size):
         vit(torch.randn(2, 3, size, size))
     with pytest.raises(ValueError, match=r'takes \(B, 3, 32, 32\) images'):
         vit(torch.randn(3, 32, 32))  # a single image without its batch dimension
+
+
+@pytest.mark.parametrize('detach', [False, True])
+def test_detach_predictor_input_keeps_the_predictor_gradient_out_of_the_pre_layers(detach):
+    """The boundary loss reaches the backbone only through the predictor's input: detached, the
+    pre-layers get none of it, while the predictor still learns."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(detach_predictor_input=detach)).train()
+    _, aux = vit(torch.randn(4, 3, 32, 32))
+    aux['boundary_loss'].backward()
+    pre = vit.transformer.resblocks[0].mlp.c_fc.weight.grad
+    assert vit.predictor[1].weight.grad.abs().sum() > 0
+    assert (pre is None or pre.abs().sum() == 0) == detach

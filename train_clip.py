@@ -55,6 +55,7 @@ compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
+detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
@@ -115,7 +116,8 @@ elif not eval_only:
 # model -----------------------------------------------------------------------------------------
 dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
            eval_boundaries=eval_boundaries, pool=pool, scan=scan,
-           train_boundaries=train_boundaries, position_prior=position_prior)
+           train_boundaries=train_boundaries, position_prior=position_prior,
+           detach_predictor_input=detach_predictor_input)
 if short_layers is not None:
     dtp['short_layers'] = short_layers
 torch.manual_seed(seed)  # the same initial weights on every rank
@@ -127,7 +129,7 @@ if init_from == 'resume':
     # the architecture comes from the checkpoint, and batch_size fixes which samples it has seen
     check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
                                 'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
-                                'position_prior', 'batch_size'], ckpt_path)
+                                'position_prior', 'detach_predictor_input', 'batch_size'], ckpt_path)
     model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
 else:
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)

@@ -3,6 +3,7 @@ DTP-ViT: a Vision Transformer with Dynamic Token Pooling, in one file.
 
     image -> conv patch embedding -> [CLS] + N patch tokens + position embedding -> ln_pre
       -> pre_layers full-length blocks                                    1 + N tokens
+      -> patches in scan order (raster, or a Hilbert curve so that segments are 2D regions)
       -> boundary predictor: a logit per patch token -> 0/1 boundaries (b_t = 1 closes a segment)
       -> each segment of patches is mean-pooled into one token             1 + S tokens, S ~ N / compression
       -> short_layers blocks on [CLS] + segments (padded per batch, padding masked)

@@ -413,8 +413,9 @@ class DTPViT(nn.Module):
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
             segments, real = pool_segments(patches, b)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
-            packing = None if real is None else Packing(F.pad(real, (1, 0), value=True))
-            if packing is not None:
+            packing = None
+            if real is not None:  # segment counts differ: pack the real tokens ([CLS] is always real)
+                packing = Packing(F.pad(real, (1, 0), value=True))
                 x = packing.pack(x)
 
         n_segments = b.detach().sum(dim=1).long()

@@ -56,6 +56,10 @@ class DTPConfig:
     detach_predictor_input: bool = False  # True: the predictor reads the pre-layer tokens without sending
                                    # its straight-through gradient back into them (the backbone learns
                                    # from the task only)
+    boundary_noise: float = 1.0    # scale of the noise in training's samples (0: deterministic, training
+                                   # takes the boundaries evaluation takes)
+    size_attention: bool = False   # True: log(patches in the segment) is added to the attention logits of
+                                   # each pooled token, so a segment of 8 patches weighs as 8 copies of one
     eval_boundaries: str = 'topk'  # eval: 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
     scan: str = 'raster'           # order of the patches that segments are runs of: 'raster' or 'hilbert'
     predictor_hidden: Optional[int] = None  # hidden size of the boundary predictor (None: width)
@@ -73,6 +77,8 @@ class DTPConfig:
             raise ValueError(f"DTPConfig.compression={self.compression}: patches per segment must be >= 1")
         if not self.temperature > 0:  # Gumbel-Sigmoid divides by it: 0 gives NaN, < 0 inverts the boundaries
             raise ValueError(f"DTPConfig.temperature={self.temperature}: must be > 0")
+        if not self.boundary_noise >= 0:
+            raise ValueError(f"DTPConfig.boundary_noise={self.boundary_noise}: must be >= 0 (0: no noise)")
         if not self.position_prior >= 0:
             raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
         if self.width % self.heads:
@@ -157,14 +163,18 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention initialises them
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, packing=None):
-        """x: (B, L, D), or (T, D) real tokens when packed."""
+    def forward(self, x, packing=None, attn_bias=None):
+        """x: (B, L, D), or (T, D) real tokens when packed. attn_bias: None, or (B, 1, 1, L) added to
+        the attention logits of each key (-inf at the padding)."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        mask = None
+        mask = attn_bias
         if packing is not None:
-            qkv, mask = packing.unpack(qkv), packing.attn_mask
+            qkv = packing.unpack(qkv)
+            mask = packing.attn_mask if attn_bias is None else attn_bias
         B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, D)
         if packing is not None:
             x = packing.pack(x)
@@ -181,8 +191,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(
             c_fc=nn.Linear(width, hidden), gelu=act_layer(), c_proj=nn.Linear(hidden, width)))
 
-    def forward(self, x, packing=None):
-        x = x + self.attn(self.ln_1(x), packing)
+    def forward(self, x, packing=None, attn_bias=None):
+        x = x + self.attn(self.ln_1(x), packing, attn_bias)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -190,26 +200,28 @@ class Block(nn.Module):
 # Boundaries. b is (B, N) over the patch tokens, b_t = 1 where patch t is the LAST of its segment.
 # Every function returns exact 0/1 values; only the Gumbel one also carries a gradient.
 
-def gumbel_sigmoid(logits, temperature, eps=1e-6):
-    """Hard Bernoulli(sigmoid(logits)) samples with the Gumbel-Sigmoid straight-through gradient."""
+def gumbel_sigmoid(logits, temperature, noise=1.0, eps=1e-6):
+    """Hard Bernoulli(sigmoid(logits)) samples with the Gumbel-Sigmoid straight-through gradient.
+    noise scales the logistic noise: 0 gives the deterministic boundaries logits > 0."""
     u = torch.rand_like(logits).clamp(eps, 1 - eps)  # clamped: log(0) would be -inf
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    soft = torch.sigmoid((logits + noise * (torch.log(u) - torch.log1p(-u))) / temperature)
     # soft > 0.5 iff logits + logistic noise > 0: an exact Bernoulli draw whatever the temperature,
     # which only sharpens the gradient. Straight-through: the value of `hard`, the gradient of `soft`.
     hard = (soft > 0.5).float()
     return hard + (soft - soft.detach())
 
 
-def gumbel_topk(logits, k, temperature, eps=1e-6):
+def gumbel_topk(logits, k, temperature, noise=1.0, eps=1e-6):
     """Exactly k boundaries per image (the last patch one of them), sampled without replacement in
     proportion to softmax(logits) by perturbing the logits with Gumbel noise and keeping the k
     largest, as top-k evaluation keeps k: training sees the segment counts evaluation runs.
-    Straight-through gradient of a sigmoid around the threshold between the k-th and (k+1)-th."""
+    Straight-through gradient of a sigmoid around the threshold between the k-th and (k+1)-th.
+    noise scales the Gumbel noise: 0 keeps the k largest logits, as evaluation does."""
     N = logits.shape[1]
     if k >= N:
         return torch.ones_like(logits)
     u = torch.rand_like(logits).clamp(eps, 1 - eps)
-    perturbed = logits - torch.log(-torch.log(u))
+    perturbed = logits - noise * torch.log(-torch.log(u))
     forced = torch.cat([perturbed[:, :-1], torch.full_like(perturbed[:, -1:], float('inf'))], dim=1)
     top = forced.topk(k + 1, dim=1)
     hard = torch.zeros_like(logits).scatter_(1, top.indices[:, :k], 1.0)
@@ -252,7 +264,8 @@ def pool_segments(x, b):
     """Mean-pool each segment of x (B, N, D) cut by the boundaries b (B, N).
 
     Returns the segments (B, S, D), padded with zeros to the largest segment count S in the batch,
-    and `real` (B, S), True on real segments, or None when no image needed padding.
+    `real` (B, S), True on real segments, or None when no image needed padding, and the sizes (B, S):
+    patches per segment (0 at the padding), which carry b's gradient as the pooling weights do.
     """
     n_segments = b.detach().sum(dim=1)  # exact: the last patch of every image closes a segment
     lo, hi = (int(v) for v in torch.stack([n_segments.min(), n_segments.max()]).tolist())  # one host sync
@@ -264,10 +277,11 @@ def pool_segments(x, b):
     # In value that is the 0/1 membership; in gradient d weight / d seg = 1, so the task loss reaches
     # the predictor through the pooling. (Comparing ids with == alone sends it no gradient at all.)
     w = torch.where(dist.detach() == 0, 1 - dist, torch.zeros_like(dist))
-    w = w / w.sum(dim=1, keepdim=True).clamp(min=1)  # mean over each segment's patches; padding stays 0
+    sizes = w.sum(dim=1)
+    w = w / sizes.unsqueeze(1).clamp(min=1)  # mean over each segment's patches; padding stays 0
     pooled = torch.einsum('bns,bnd->bsd', w.to(x.dtype), x)
     real = None if lo == hi else torch.arange(hi, device=x.device) < n_segments.unsqueeze(1)
-    return pooled, real
+    return pooled, real, sizes
 
 
 class Packing:
@@ -356,8 +370,8 @@ class DTPViT(nn.Module):
                 logits = logits + self.predictor.position_bias.float()
         if self.training:
             if cfg.train_boundaries == 'topk':
-                return gumbel_topk(logits, cfg.n_segments, cfg.temperature), logits
-            return gumbel_sigmoid(logits, cfg.temperature), logits
+                return gumbel_topk(logits, cfg.n_segments, cfg.temperature, cfg.boundary_noise), logits
+            return gumbel_sigmoid(logits, cfg.temperature, cfg.boundary_noise), logits
         # Eval is deterministic: no noise, so an image always gets the same segments.
         if cfg.eval_boundaries == 'topk':
             return topk_boundaries(logits, cfg.n_segments), logits
@@ -384,8 +398,9 @@ class DTPViT(nn.Module):
         for block in self.transformer.resblocks[:cfg.pre_layers]:
             x = block(x)
         x, packing, aux = self.segment(x, boundaries)            # (B, 1 + S, D), or (T, D) packed
-        for block in self.transformer.resblocks[self.cfg.pre_layers:]:
-            x = block(x, packing)
+        bias = self.size_bias(aux['segment_sizes'], packing) if cfg.size_attention else None
+        for block in self.transformer.resblocks[cfg.pre_layers:]:
+            x = block(x, packing, bias)
         return self.head(x, packing), aux
 
     def embed(self, images):
@@ -402,6 +417,7 @@ class DTPViT(nn.Module):
         B, N = x.shape[0], x.shape[1] - 1
         if cfg.boundary == 'none':
             b, logits, packing = x.new_ones(B, N, dtype=torch.float32), None, None
+            sizes = b
         else:
             patches = x[:, 1:]
             if cfg.scan != 'raster':  # segments are runs of consecutive patches in scan order
@@ -411,7 +427,7 @@ class DTPViT(nn.Module):
                 b = boundaries.to(device=x.device, dtype=torch.float32)
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
-            segments, real = pool_segments(patches, b)
+            segments, real, sizes = pool_segments(patches, b)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
             packing = None
             if real is not None:  # segment counts differ: pack the real tokens ([CLS] is always real)
@@ -426,10 +442,20 @@ class DTPViT(nn.Module):
         if cfg.scan != 'raster' and cfg.boundary != 'none':
             seg = seg.index_select(1, self.raster_order)
         aux = dict(boundary_loss=prior, n_segments=n_segments, boundaries=b.detach(), segment_ids=seg,
-                   compression=N / n_segments.float().mean())
+                   segment_sizes=sizes, compression=N / n_segments.float().mean())
         if logits is not None:
             aux['boundary_logits'] = logits
         return x, packing, aux
+
+    def size_bias(self, sizes, packing):
+        """Size-aware attention for the pooled tokens (as ToMe's proportional attention): a key that
+        stands for s patches gets + log(s) on its attention logits, i.e. the weight of s copies of
+        one token; [CLS] counts as one, padding gets -inf. (B, 1, 1, 1 + S), float32, carrying the
+        sizes' gradient: how much weight a segment should get reaches the predictor too."""
+        bias = torch.log(sizes.float().clamp(min=1e-6))
+        if packing is not None:
+            bias = bias.masked_fill(~packing.attn_mask[:, 0, 0, 1:], float('-inf'))
+        return F.pad(bias, (1, 0), value=0.0)[:, None, None, :]
 
     def head(self, x, packing=None):
         """ln_post, then the [CLS] token (or the mean of the real segments), then proj."""

@@ -274,7 +274,7 @@ def test_every_patch_is_pooled_exactly_once():
     raw[2] = 1  # one segment per patch
     b = torch.cat([raw[:, :-1], torch.ones(B, 1)], dim=1)  # what the model does
     x = torch.eye(N).expand(B, N, N)  # patch t is the unit vector e_t
-    pooled, valid = M.pool_segments(x, b)
+    pooled, valid, sizes = M.pool_segments(x, b)
     n_segments = b.sum(1).long()
     counts = (pooled > 0).sum(-1)  # patches in each segment
     for i in range(B):
@@ -376,10 +376,11 @@ def test_topk_eval_gives_round_n_over_r_segments():
     assert abs(aux['compression'] - 64 / 21) < 1e-5
 
 
+@pytest.mark.parametrize('size_attention', [False, True])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_mixed_precision_forward_backward_is_finite(dtype):
+def test_mixed_precision_forward_backward_is_finite(dtype, size_attention):
     torch.manual_seed(0)
-    vit = DTPViT(tiny(compression=4)).train()
+    vit = DTPViT(tiny(compression=4, size_attention=size_attention)).train()
     with torch.no_grad():  # a confident predictor: probabilities near 0 and 1, where fp16 broke
         vit.predictor[-1].weight.mul_(50)
     with torch.autocast('cpu', dtype=dtype):
@@ -496,8 +497,8 @@ def test_segment_ids_agree_with_the_pooling(scan, boundary, monkeypatch):
     captured, pool_segments = {}, M.pool_segments
 
     def spy(x, b):
-        captured['x'], (captured['pooled'], valid) = x, pool_segments(x, b)
-        return captured['pooled'], valid
+        captured['x'], (captured['pooled'], valid, sizes) = x, pool_segments(x, b)
+        return captured['pooled'], valid, sizes
     monkeypatch.setattr(M, 'pool_segments', spy)
     torch.manual_seed(0)
     vit = DTPViT(tiny(boundary=boundary, scan=scan, compression=4)).train()
@@ -610,3 +611,65 @@ def test_detach_predictor_input_keeps_the_predictor_gradient_out_of_the_pre_laye
     pre = vit.transformer.resblocks[0].mlp.c_fc.weight.grad
     assert vit.predictor[1].weight.grad.abs().sum() > 0
     assert (pre is None or pre.abs().sum() == 0) == detach
+
+
+@pytest.mark.parametrize('train_boundaries', ['bernoulli', 'topk'])
+def test_boundary_noise_zero_trains_on_the_boundaries_evaluation_takes(train_boundaries):
+    """boundary_noise=0: training's boundaries are deterministic and the ones evaluation takes (top-k for
+    'topk', logits > 0 for 'bernoulli'), and the task gradient still reaches the predictor."""
+    torch.manual_seed(0)
+    eval_boundaries = 'topk' if train_boundaries == 'topk' else 'threshold'
+    vit = DTPViT(tiny(train_boundaries=train_boundaries, eval_boundaries=eval_boundaries, boundary_noise=0.0))
+    with torch.no_grad():
+        vit.predictor[-1].bias.zero_()  # logits on both sides of 0
+    images = torch.randn(4, 3, 32, 32)
+    vit.train()
+    features, aux = vit(images)
+    assert torch.equal(aux['boundaries'], vit(images)[1]['boundaries'])
+    with torch.no_grad():
+        assert torch.equal(aux['boundaries'], vit.eval()(images)[1]['boundaries'])
+    features.square().sum().backward()
+    for name, p in vit.predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match=r'DTPConfig\.boundary_noise=-1.0: must be >= 0'):
+        DTPConfig(boundary_noise=-1.0)
+
+
+def test_size_bias_weighs_a_key_as_that_many_copies():
+    """Attention with + log(s) on a key's logit equals attention over s copies of that key."""
+    torch.manual_seed(0)
+    attn = M.Attention(8, 2)
+    a, b = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    bias = torch.log(torch.tensor([1.0, 3.0]))[None, None, None, :]
+    with torch.no_grad():
+        weighted = attn(torch.cat([a, b], dim=1), attn_bias=bias)
+        copies = attn(torch.cat([a, b, b, b], dim=1))
+    assert torch.allclose(weighted, copies[:, :2], atol=1e-6)
+
+
+def test_size_attention_uses_the_segment_sizes_and_keeps_batch_invariance():
+    """size_attention: the bias is log(patches per segment) ([CLS] 0, padding -inf); an image's
+    features do not depend on its batch-mates; the task loss reaches the predictor; with one segment
+    per patch (all sizes 1) it is the model without it."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(size_attention=True, eval_boundaries='threshold')).eval()
+    with torch.no_grad():
+        vit.predictor[-1].bias.zero_()  # segment counts differ from image to image
+        images = torch.randn(5, 3, 32, 32)
+        batch, aux = vit(images)
+        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
+        assert len(set(aux['n_segments'].tolist())) > 1
+        assert (batch - alone).abs().max() <= 1e-5
+        sizes = aux['segment_sizes']
+        counts = torch.stack([torch.bincount(ids, minlength=sizes.shape[1]) for ids in aux['segment_ids']])
+        assert torch.equal(sizes, counts.float())  # patches per segment, 0 at the padding
+        every_patch = torch.ones(5, 64)
+        plain = DTPViT(tiny(eval_boundaries='threshold')).eval()
+        plain.load_state_dict(vit.state_dict())
+        assert torch.allclose(vit(images, every_patch)[0], plain(images, every_patch)[0], atol=1e-5)
+        assert not torch.allclose(vit(images)[0], plain(images)[0], atol=1e-3)
+    vit.train()
+    features, _ = vit(images)
+    features.square().sum().backward()
+    for name, p in vit.predictor.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name

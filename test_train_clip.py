@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from model import DTPConfig
 from conftest import read_shard, write_tar
 from train_utils import cosine_lr
 
@@ -312,3 +313,24 @@ def test_tome_trains_and_evaluates_the_plain_tower(tmp_path):
     proc = run(TINY, f'--out_dir={tmp_path}', '--tome_r=2', check=False)
     assert proc.returncode != 0 and "config error: tome_r=2" in proc.stderr and "boundary='none'" in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+def test_tome_cost_picks_the_schedule_of_that_cost(tmp_path):
+    """tome_cost = c: ToMe merges by flops.tome_r_for_cost's per-block schedule for c, in training and
+    evaluation (what a row 'ToMe at DTP's cost' needs); with tome_r too, or c > 1, it is a config error."""
+    import flops
+    import tome
+    cfg = DTPConfig(image_size=32, patch_size=8, width=32, heads=2, embed_dim=32, pre_layers=1, short_layers=1,
+                    boundary='none')
+    rs = flops.tome_r_for_cost(cfg, 0.75, per_block=True)
+    left = tome.token_counts(17, rs)[-1] - 1  # patch tokens left ([CLS] not counted)
+    assert left < 16  # the schedule merges something
+    out = str(tmp_path / 'run')
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=2', '--log_interval=1', '--boundary=none', '--tome_cost=0.75')
+    assert f'ToMe: r = {rs} per block' in proc.stdout
+    logged = records(out)
+    assert [r['compression'] for r in logged if 'loss' in r] == pytest.approx([16 / left] * 2)
+    assert [r for r in logged if 'zeroshot_top1' in r][-1]['eval_compression'] == pytest.approx(16 / left)
+    for bad in (['--tome_cost=0.75', '--tome_r=2'], ['--tome_cost=1.5']):
+        proc = run(TINY, f'--out_dir={tmp_path / "bad"}', '--boundary=none', *bad, check=False)
+        assert proc.returncode != 0 and 'config error: tome_r=' in proc.stderr and 'Traceback' not in proc.stderr

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import flops
 import tome
 from train_utils import (autocast, check_resume, check_settings, config_keys, configure, cosine_lr,
                          divergence_is_an_error, evaluate, load_model, log_jsonl, param_groups, peak_memory_gb,
@@ -56,10 +57,14 @@ temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
+boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
+size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
 tome_r = 0                  # ToMe: tokens merged per block (0: off); needs boundary='none'
+tome_cost = 0.0             # ToMe: > 0 merges by the per-block schedule whose FLOPs are nearest this fraction
+                            # of the plain ViT's (flops.tome_r_for_cost), e.g. DTP's cost at some ratio; replaces tome_r
 # optimisation
 batch_size = 128            # per GPU
 epochs = 16
@@ -78,9 +83,10 @@ seed = 0
 config = configure({k: globals()[k] for k in config_keys(globals())})
 check_settings(config)
 globals().update(config)
-if tome_r and (tome_r < 0 or boundary != 'none'):
-    raise SystemExit(f"config error: tome_r={tome_r}: ToMe (tome.py) merges the plain ViT's tokens, so it needs "
-                     f"tome_r >= 0 and boundary='none' (got boundary={boundary!r})")
+if (tome_r or tome_cost) and (tome_r < 0 or not 0 <= tome_cost <= 1 or boundary != 'none' or (tome_r and tome_cost)):
+    raise SystemExit(f"config error: tome_r={tome_r}, tome_cost={tome_cost}: ToMe (tome.py) merges the plain ViT's "
+                     f"tokens, so it needs boundary='none' (got {boundary!r}), and one of tome_r >= 0 or "
+                     f"0 < tome_cost <= 1")
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
@@ -117,7 +123,8 @@ elif not eval_only:
 dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
            eval_boundaries=eval_boundaries, pool=pool, scan=scan,
            train_boundaries=train_boundaries, position_prior=position_prior,
-           detach_predictor_input=detach_predictor_input)
+           detach_predictor_input=detach_predictor_input,
+           boundary_noise=boundary_noise, size_attention=size_attention)
 if short_layers is not None:
     dtp['short_layers'] = short_layers
 torch.manual_seed(seed)  # the same initial weights on every rank
@@ -129,7 +136,7 @@ if init_from == 'resume':
     # the architecture comes from the checkpoint, and batch_size fixes which samples it has seen
     check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
                                 'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
-                                'position_prior', 'detach_predictor_input', 'batch_size'], ckpt_path)
+                                'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention', 'batch_size'], ckpt_path)
     model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
 else:
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
@@ -137,8 +144,13 @@ clip = load_model(model_args)
 model_args['pretrained'] = None  # weights come from the checkpoint from now on
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
+if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)
+    tome_r = flops.tome_r_for_cost(clip.visual.cfg, tome_cost, per_block=True)
 if tome_r:  # the ToMe baseline: the image tower's forward, in training and evaluation; its weights stay as they are
     tome.patch(clip.visual, tome_r)
+    if master:
+        print(f'ToMe: r = {tome_r} per block, {flops.tome_gmacs(clip.visual.cfg, tome_r) * 1e3:.2f} MMACs per image '
+              f'(plain ViT {flops.gmacs(clip.visual.cfg) * 1e3:.2f})')
 clip.to(device)
 tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
 train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_size)

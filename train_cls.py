@@ -58,6 +58,8 @@ temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
+boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
+size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
@@ -139,14 +141,15 @@ if init_from == 'resume':
     # the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
     check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
                                 'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
-                                'position_prior', 'detach_predictor_input', 'freeze_backbone', 'backbone_lr_scale',
+                                'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention', 'freeze_backbone', 'backbone_lr_scale',
                                 'batch_size'], ckpt_path)
     model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
 else:
     dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
                eval_boundaries=eval_boundaries, pool=pool, scan=scan,
                train_boundaries=train_boundaries, position_prior=position_prior,
-               detach_predictor_input=detach_predictor_input)
+               detach_predictor_input=detach_predictor_input,
+           boundary_noise=boundary_noise, size_attention=size_attention)
     if short_layers is not None:
         dtp['short_layers'] = short_layers
     model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)

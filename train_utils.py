@@ -95,7 +95,7 @@ def configure(config, argv=None):
 
 # The settings of DTPConfig that both training scripts take as globals of their own.
 DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
-               'scan', 'train_boundaries', 'position_prior', 'detach_predictor_input')
+               'scan', 'train_boundaries', 'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention')
 
 
 def check_settings(config):

@@ -46,7 +46,8 @@ class DTPConfig:
     quick_gelu: bool = False       # OpenAI's original CLIP weights were trained with QuickGELU
     emb_dropout: float = 0.0       # dropout on the patch + position embeddings
     # dynamic token pooling
-    boundary: str = 'gumbel'       # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
+    boundary: str = 'gumbel'       # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' (no weights: cut
+                                   # where neighbouring patches differ most) or 'none' (plain ViT)
     compression: float = 4.0       # target patches per segment; the boundary prior is 1 / compression
     temperature: float = 0.5       # Gumbel-Sigmoid temperature (it only scales the gradient, see below)
     train_boundaries: str = 'bernoulli'  # training samples: 'bernoulli' (the paper: each patch on its own)
@@ -66,7 +67,7 @@ class DTPConfig:
     pool: str = 'cls'              # image embedding: the 'cls' token or the 'mean' of the segments
 
     def __post_init__(self):
-        choices = dict(boundary=('gumbel', 'fixed', 'none'), eval_boundaries=('topk', 'threshold'),
+        choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'none'), eval_boundaries=('topk', 'threshold'),
                        pool=('cls', 'mean'), scan=('raster', 'hilbert'), train_boundaries=('bernoulli', 'topk'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -357,11 +358,19 @@ class DTPViT(nn.Module):
 
     def predict_boundaries(self, patches):
         """(B, N) 0/1 boundaries for the patch tokens after the pre-layers, by the configured rule,
-        and the predictor's (B, N) logits (None for 'fixed')."""
+        and the predictor's (B, N) logits (None for 'fixed' and 'cosine')."""
         cfg = self.cfg
         B, N, _ = patches.shape
         if cfg.boundary == 'fixed':
             return fixed_boundaries(B, N, cfg.n_segments, patches.device), None
+        if cfg.boundary == 'cosine':
+            # A router without weights (H-Net's cosine router with identity projections): close a
+            # segment after patch t where patch t + 1 looks least like it (cosine of their features),
+            # at the n_segments largest changes. It needs no training, so it can shorten a trained
+            # plain ViT as it is; in training it is deterministic and sends no gradient.
+            h = F.normalize(patches.detach().float(), dim=-1)
+            change = 1 - (h[:, :-1] * h[:, 1:]).sum(dim=-1)        # (B, N - 1), in [0, 2]
+            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
             inputs = patches.detach() if cfg.detach_predictor_input else patches

@@ -673,3 +673,23 @@ def test_size_attention_uses_the_segment_sizes_and_keeps_batch_invariance():
     features.square().sum().backward()
     for name, p in vit.predictor.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_cosine_router_cuts_where_the_tokens_change_without_training():
+    """boundary='cosine' has no weights: at initialisation it already closes segments where a token
+    sequence changes (4 runs of 16 equal tokens, plus noise: boundaries after patches 15, 31, 47, 63),
+    in any image of the batch, deterministically, in training as in evaluation."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(boundary='cosine', compression=16))  # 64 patches -> 4 segments
+    assert not any('predictor' in k for k in vit.state_dict())
+    runs = torch.randn(2, 4, 1, 32).expand(2, 4, 16, 32).reshape(2, 64, 32)
+    patches = runs + 0.05 * torch.randn(2, 64, 32)
+    for mode in (vit.train(), vit.eval()):
+        b, logits = mode.predict_boundaries(patches)
+        assert logits is None
+        assert [row.nonzero().flatten().tolist() for row in b] == [[15, 31, 47, 63]] * 2
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f, aux = vit(images)
+        assert aux['n_segments'].tolist() == [4] * 4
+        assert torch.allclose(f, torch.cat([vit(images[i:i + 1])[0] for i in range(4)]), atol=1e-5)

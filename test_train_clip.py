@@ -334,3 +334,19 @@ def test_tome_cost_picks_the_schedule_of_that_cost(tmp_path):
     for bad in (['--tome_cost=0.75', '--tome_r=2'], ['--tome_cost=1.5']):
         proc = run(TINY, f'--out_dir={tmp_path / "bad"}', '--boundary=none', *bad, check=False)
         assert proc.returncode != 0 and 'config error: tome_r=' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_a_plain_run_shortened_training_free(tmp_path):
+    """A plain-ViT run's checkpoint evaluated with pooling it was never trained with (fixed, the cosine
+    router, ToMe): eval_only with init_from=ckpt.pt and the new setting runs at the pooled length."""
+    out = str(tmp_path / 'plain')
+    run(TINY, f'--out_dir={out}', '--max_steps=2', '--boundary=none')
+    ckpt = os.path.join(out, 'ckpt.pt')
+    for i, setting in enumerate(['--boundary=fixed', '--boundary=cosine', '--tome_cost=0.75']):
+        again = str(tmp_path / f'again{i}')
+        extra = ['--boundary=none'] if 'tome' in setting else ['--compression=4']
+        run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True', setting, *extra)
+        final = [r for r in records(again) if 'zeroshot_top1' in r][-1]
+        assert final['eval_compression'] > 1.3 and not [r for r in records(again) if 'loss' in r]
+        if 'tome' not in setting:
+            assert final['eval_compression'] == pytest.approx(4.0)

@@ -51,7 +51,7 @@ vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  #
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
-boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
+boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' (no weights) or 'none'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)

@@ -52,7 +52,7 @@ text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrid
                             # used to build a zero-shot head, and dropped afterwards
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
-boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced) or 'none' (plain ViT)
+boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' (no weights) or 'none'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)

@@ -15,7 +15,8 @@ predictor), both attention matmuls (q k^T and attn v), the pooling einsum, the f
 Not counted (element-wise, left out as fvcore and DynamicViT do): residual adds, GELU, softmax and
 scaling inside attention, layer norms (fvcore's default handle would add ~5 per element, 0.005 G on
 ViT-B-32; dropped so the count matches OpenCLIP's), dropout, the padding mask, the boundary logic
-(top-k, cumsum, the pooling weights and their normalisation) and the boundary loss.
+(top-k, cumsum, the pooling weights and their normalisation), the boundary loss, and the cosine
+router's similarities of neighbouring patches (N x width multiply-adds: 0.04 M on ViT-B-32).
 
 The trap (docs/method.md, section 3): fvcore silently counts ZERO for
 aten::scaled_dot_product_attention, which our attention calls, so a handle is registered for it

@@ -214,6 +214,15 @@ def test_scan_order_leaves_the_flops_unchanged():
     assert counts[0] == counts[1] == pytest.approx(1e9 * flops.gmacs(base, 13), rel=0.005)
 
 
+
+@pytest.mark.parametrize('boundary', ['cosine', 'fixed'])
+def test_weightless_routers_are_counted_by_the_closed_form(boundary):
+    """The cosine router and fixed pooling add no counted work beyond the pooling: fvcore's count of
+    what runs equals the closed form at round(49 / 4) = 12 segments, on ViT-B-32 shapes."""
+    cfg = dataclasses.replace(flops.base_config('ViT-B-32'), boundary=boundary, compression=4.0)
+    count = flops.fvcore_count(DTPViT(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
+    assert count == pytest.approx(1e9 * flops.gmacs(cfg), rel=1e-6) and cfg.n_segments == 12
+
 def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
     root = data.make_shapes(tmp_path / 'shapes', n_train=8, n_val=12, image_size=32, shard_size=8, workers=1)['root']
     clip = load_openclip(model_name='ViT-B-32', text=dict(width=32, heads=2, layers=1), **TINY)

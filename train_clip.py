@@ -45,7 +45,7 @@ train_num_samples = 0       # samples per epoch of webdataset shards (required);
 imagenet_val = None         # ImageNet val folder (one sub-folder per class) for zero-shot evaluation
 workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
-model = 'ViT-B-32'          # OpenCLIP config name of both towers
+arch = 'ViT-B-32'           # OpenCLIP config name of both towers
 vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling

@@ -45,7 +45,7 @@ ckpt_interval = 250         # steps between checkpoints (and one at the end); ev
 data_dir = 'shapes'         # 'shapes' (built-in, generated on first use) or an ImageNet root with train/ and val/
 workers = 0                 # dataloader processes per GPU (0 for the demo: on 2 cores, workers slow the model)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo (as in train_clip.py)
-model = 'ViT-B-32'          # OpenCLIP config name
+arch = 'ViT-B-32'           # OpenCLIP config name
 vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrides; the text tower is only
                             # used to build a zero-shot head, and dropped afterwards

@@ -40,8 +40,15 @@ def config_keys(namespace):
             if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict, type(None)))]
 
 
+# Settings that were renamed: the old name is refused with the new one (and checkpoints' configs are read with it).
+RENAMED = {'model': 'arch'}  # `model` names a module in the scripts; the OpenCLIP architecture is `arch`
+
+
 def _check(config, key, value, source):
     if key not in config:
+        if RENAMED.get(key) in config:
+            raise SystemExit(f"config error ({source}): {key!r} is now called {RENAMED[key]!r}; "
+                             f"set {RENAMED[key]}={value!r} instead")
         close = difflib.get_close_matches(key, list(config), n=3)
         raise SystemExit(f"config error ({source}): unknown key {key!r}"
                          + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ''))
@@ -102,7 +109,7 @@ def configure(config, argv=None):
 DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
                'scan', 'train_boundaries', 'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention')
 # The settings that make up the architecture (load_openclip's arguments): a resumed run takes them from its checkpoint.
-ARCH_SETTINGS = ('model', 'vision', 'text', *DTP_GLOBALS)
+ARCH_SETTINGS = ('arch', 'vision', 'text', *DTP_GLOBALS)
 
 
 def check_settings(config):
@@ -162,13 +169,13 @@ def load_model(model_args):
 
 
 def new_model_args(config):
-    """load_openclip's arguments for a run that does not resume: the OpenCLIP architecture `model`, resized
+    """load_openclip's arguments for a run that does not resume: the OpenCLIP architecture `arch`, resized
     by the `vision` and `text` overrides, with the DTP settings (short_layers None: left to load_openclip,
     the architecture's depth minus pre_layers), and init_from's weights unless it is 'scratch'."""
     dtp = dict(config['vision'] or {}, **{k: config[k] for k in DTP_GLOBALS
                                           if k != 'short_layers' or config[k] is not None})
     init_from = config['init_from']
-    return dict(model_name=config['model'], pretrained=None if init_from == 'scratch' else init_from,
+    return dict(model_name=config['arch'], pretrained=None if init_from == 'scratch' else init_from,
                 text=config['text'], **dtp)
 
 
@@ -379,8 +386,10 @@ def refuse_overwrite(out_dir, init_from, eval_only):
 
 def check_resume(config, ckpt, keys, path):
     """Resuming takes the architecture (and the data position) from the checkpoint: a setting in keys
-    that disagrees with the checkpoint's would be ignored, or skip the wrong samples, so refuse it."""
+    that disagrees with the checkpoint's would be ignored, or skip the wrong samples, so refuse it.
+    A checkpoint saved before a setting was renamed (RENAMED) is compared under the new name."""
     saved = ckpt.get('config', {})
+    saved = {RENAMED.get(k, k) if RENAMED.get(k) not in saved else k: v for k, v in saved.items()}
     conflicts = [f'{k}={config[k]!r} (checkpoint: {saved[k]!r})' for k in keys if k in saved and saved[k] != config[k]]
     if conflicts:
         raise SystemExit(f"init_from='resume': {', '.join(conflicts)} differ from {path}; resume with the "

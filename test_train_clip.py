@@ -1,9 +1,6 @@
 """End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -11,30 +8,14 @@ import torch
 
 import data
 from model import DTPConfig
-from conftest import read_shard, write_tar
+from conftest import load_ckpt, read_shard, records, run_script, train_records, write_tar
 from train_utils import cosine_lr
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_tiny.py'
 
 
-def run(*args, torchrun=False, check=True, timeout=600):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f'train_clip.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-def records(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_records(out_dir):
-    return [r for r in records(out_dir) if 'loss' in r]
+def run(*args, **kwargs):
+    return run_script('train_clip.py', *args, **kwargs)
 
 
 def test_loss_decreases_and_everything_is_logged(tmp_path):
@@ -56,12 +37,12 @@ def test_loss_decreases_and_everything_is_logged(tmp_path):
 def test_checkpoint_and_resume(tmp_path):
     out = str(tmp_path / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
-    first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    first = load_ckpt(out)
     assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config'}
 
     # resuming with nothing left to do writes back exactly what it loaded
     run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    again = load_ckpt(out)
     for k, v in first['model'].items():
         assert torch.equal(v, again['model'][k]), k
     assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
@@ -74,7 +55,7 @@ def test_checkpoint_and_resume(tmp_path):
     after = [r for r in logged[logged.index(resumed[-1]):] if 'loss' in r]
     assert [r['step'] for r in after] == [15, 20]
     assert after[0]['lr'] == pytest.approx(cosine_lr(14, 20, 5, 1e-3, 1e-5))
-    final = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    final = load_ckpt(out)
     assert final['step'] == 20 and final['optimizer']['state'][0]['step'] == 20
 
 
@@ -162,8 +143,8 @@ def test_own_checkpoint_as_init_from(tmp_path):
     run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True')
     assert [r for r in records(again) if 'zeroshot_top1' in r][-1]['zeroshot_top1'] == final['zeroshot_top1']
     cls = str(tmp_path / 'cls')
-    proc = subprocess.run([sys.executable, 'train_cls.py', 'config/shapes_cls_tiny.py', f'--out_dir={cls}',
-                           f'--init_from={ckpt}', '--eval_only=True'], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script('train_cls.py', 'config/shapes_cls_tiny.py', f'--out_dir={cls}', f'--init_from={ckpt}',
+                      '--eval_only=True', check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r for r in records(cls) if 'val_top1' in r][-1]['val_top1'] == pytest.approx(final['zeroshot_top1'])
     proc = run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True', '--short_layers=2', check=False)
@@ -175,7 +156,7 @@ def test_command_line_pairs_win_over_files_and_merge_into_vision(tmp_path):
     (replaced, it used to give the 224 px, width-768 ViT-B-32 tower)."""
     out = str(tmp_path / 'run')
     run("--vision={'image_size': 48}", '--max_steps=2', TINY, f'--out_dir={out}', '--log_interval=1')
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    ckpt = load_ckpt(out)
     assert ckpt['step'] == 2  # not the file's max_steps=20
     args = ckpt['model_args']
     assert (args['image_size'], args['patch_size'], args['width'], args['predictor_hidden']) == (48, 8, 32, 32)
@@ -211,7 +192,7 @@ def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
         (0, 3, 3, 6), (1, 6, 3, 6)]
     assert short[0]['samples_short'] == 96  # 3 batches of 32
     assert [r['step'] for r in train_records(out)] == [3, 6, 9]
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    ckpt = load_ckpt(out)
     assert ckpt['step'] == 9 and ckpt['epoch'] == 2
 
 
@@ -228,12 +209,12 @@ def test_torchrun_rank_without_batches_stops_every_rank(tmp_path):
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = str(tmp_path / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10')
-    good = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    good = load_ckpt(out)
     proc = run(TINY, f'--out_dir={out}', '--max_steps=20', '--init_from=resume', '--lr=1e30', '--grad_clip=0.0',
                check=False)
     assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'is left as it was' in proc.stderr
     assert 'Traceback' not in proc.stderr
-    kept = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    kept = load_ckpt(out)
     assert kept['step'] == 10 and all(torch.equal(v, kept['model'][k]) for k, v in good['model'].items())
 
     # a checkpoint every step and a log line never: the check at save time keeps NaN weights out
@@ -242,7 +223,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                check=False)
     assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr
     if os.path.exists(os.path.join(out, 'ckpt.pt')):
-        saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+        saved = load_ckpt(out)
         assert all(v.isfinite().all() for v in saved['model'].values() if v.is_floating_point())
 
 
@@ -251,7 +232,7 @@ def test_a_new_run_never_replaces_a_checkpoint(tmp_path):
     run(TINY, f'--out_dir={out}', '--max_steps=4')
     proc = run(TINY, f'--out_dir={out}', '--max_steps=3', check=False)
     assert proc.returncode != 0 and "init_from=resume" in proc.stderr and 'out_dir' in proc.stderr
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+    assert load_ckpt(out)['step'] == 4
 
 
 def test_resume_refuses_conflicting_settings(tmp_path):
@@ -264,7 +245,7 @@ def test_resume_refuses_conflicting_settings(tmp_path):
         assert proc.returncode != 0 and f"{key}=" in proc.stderr and 'checkpoint' in proc.stderr, arg
         assert 'Traceback' not in proc.stderr
     run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', '--lr=1e-3')  # not architecture: fine
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 8
+    assert load_ckpt(out)['step'] == 8
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -274,7 +255,7 @@ def test_resume_is_bit_exact(tmp_path):
     run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
-    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    a, b = (load_ckpt(d)['model'] for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -308,7 +289,7 @@ def test_tome_trains_and_evaluates_the_plain_tower(tmp_path):
     logged = records(out)
     assert [r['compression'] for r in logged if 'loss' in r] == pytest.approx([16 / 12] * 2)
     assert [r for r in logged if 'zeroshot_top1' in r][-1]['eval_compression'] == pytest.approx(16 / 12)
-    keys = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+    keys = load_ckpt(out)['model']
     assert 'visual.proj' in keys and not any('predictor' in k for k in keys)
     proc = run(TINY, f'--out_dir={tmp_path}', '--tome_r=2', check=False)
     assert proc.returncode != 0 and "config error: tome_r=2" in proc.stderr and "boundary='none'" in proc.stderr

@@ -1,10 +1,7 @@
 """End-to-end tests of train_cls.py on the built-in shapes folders, with a tiny model (config/shapes_cls_tiny.py)
 or a small random OpenCLIP checkpoint standing in for a pretrained one."""
-import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 
 import open_clip
@@ -13,26 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import load_ckpt, records, run_script, train_records
 from model import load_openclip
 from train_utils import cosine_lr
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_cls_tiny.py'
 
 
-def run(*args, torchrun=False, check=True, timeout=600):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(launcher + ['train_cls.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f'train_cls.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-def records(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
+def run(*args, **kwargs):
+    return run_script('train_cls.py', *args, **kwargs)
 
 
 def openclip_checkpoint(tmp_path):
@@ -52,7 +38,7 @@ def openclip_checkpoint(tmp_path):
 def test_loss_decreases_and_everything_is_logged(tmp_path):
     out = str(tmp_path / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=60', '--log_interval=10', '--ckpt_interval=1000', '--lr=3e-3')
-    logged = [r for r in records(out) if 'loss' in r]
+    logged = train_records(out)
     assert [r['step'] for r in logged] == [10, 20, 30, 40, 50, 60]
     assert logged[-1]['ce'] < logged[0]['ce'] - 0.8, [r['ce'] for r in logged]  # untrained, it wanders by ~0.3
     for key in ['epoch', 'loss', 'ce', 'boundary', 'compression', 'lr', 'step_time', 'data_time', 'samples_per_s',
@@ -93,7 +79,7 @@ def test_zeroshot_head_reproduces_the_zero_shot_classifier(tmp_path):
     # comes back from model_args
     initial = str(tmp_path / 'initial')
     run(*args, '--boundary=none', '--max_steps=1', '--lr=0', f'--out_dir={initial}')
-    ckpt = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
+    ckpt = load_ckpt(initial)
     assert ckpt['step'] == 1 and ckpt['n_classes'] == 30
     visual = load_openclip(**ckpt['model_args']).visual.eval()
     visual.load_state_dict({k[7:]: v for k, v in ckpt['model'].items() if k.startswith('visual.')})
@@ -114,7 +100,7 @@ def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
     # one step of finetuning at lr 0: the initial weights (the seed fixes the new head and predictor) and the
     # finetuning optimizer, whose pretrained weights train at lr * backbone_lr_scale
     run(*args, '--max_steps=1', '--lr=0', '--backbone_lr_scale=0.1', f'--out_dir={initial}')
-    before = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
+    before = load_ckpt(initial)
     n_pretrained = len([k for k in pretrained if k.startswith('visual.')])
     n_params = Counter()
     for group in before['optimizer']['param_groups']:
@@ -123,7 +109,7 @@ def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
     before = before['model']
 
     run(*args, '--freeze_backbone=True', '--max_steps=5', '--lr=1e-2', f'--out_dir={trained}')
-    after = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    after = load_ckpt(trained)
     new = [k for k in after['model'] if k.startswith(('head.', 'visual.predictor.'))]
     assert len(new) == 8 and len(after['model']) == len(new) + n_pretrained
     for k, v in after['model'].items():
@@ -138,13 +124,13 @@ def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
 def test_checkpoint_and_resume(tmp_path):
     out = str(tmp_path / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
-    first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    first = load_ckpt(out)
     assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config',
                                                   'model_args', 'n_classes'}
 
     # resuming with nothing left to do writes back exactly what it loaded
     run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    again = load_ckpt(out)
     for k, v in first['model'].items():
         assert torch.equal(v, again['model'][k]), k
     assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
@@ -157,7 +143,7 @@ def test_checkpoint_and_resume(tmp_path):
     after = [r for r in logged[logged.index(resumed[-1]):] if 'loss' in r]
     assert [r['step'] for r in after] == [15, 20]
     assert after[0]['lr'] == pytest.approx(cosine_lr(14, 20, 5, 1e-3, 1e-5))
-    final = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    final = load_ckpt(out)
     assert final['step'] == 20 and final['optimizer']['state'][0]['step'] == 20
     assert not torch.equal(final['model']['head.weight'], first['model']['head.weight'])
 
@@ -186,7 +172,7 @@ def test_resume_is_bit_exact(tmp_path):
     run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
-    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    a, b = (load_ckpt(d)['model'] for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -195,7 +181,7 @@ def test_divergence_never_saves_nan_weights(tmp_path):
     proc = run(TINY, f'--out_dir={out}', '--lr=1000.0', '--boundary=none', '--ckpt_interval=1', '--log_interval=1000',
                check=False)
     assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'Traceback' not in proc.stderr
-    saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    saved = load_ckpt(out)
     assert all(v.isfinite().all() for v in saved['model'].values())
 
 
@@ -208,7 +194,7 @@ def test_no_silent_overwrite_and_no_conflicting_resume(tmp_path):
         proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
         assert proc.returncode != 0 and arg[2:].split('=')[0] + '=' in proc.stderr, arg
         assert 'Traceback' not in proc.stderr
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+    assert load_ckpt(out)['step'] == 4
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

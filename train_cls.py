@@ -94,7 +94,8 @@ log = make_logger(log_file, master)
 
 # data: two ImageFolders; a missing or malformed one fails here, with the layout it expects ------
 if data_dir == 'shapes':
-    data_root, classnames, templates = shapes_data(master, world_size)['root'], data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
+    data_root = shapes_data(master, world_size)['root']
+    classnames, templates = data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
 else:
     data_root = data_dir
     classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES

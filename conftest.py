@@ -1,6 +1,14 @@
 """Helpers shared by the test files."""
 import io
+import json
+import os
+import subprocess
+import sys
 import tarfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def read_shard(path):
@@ -21,3 +29,30 @@ def write_tar(path, samples):
                 info = tarfile.TarInfo(f'{key}.{ext}')
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
+
+
+def run_script(script, *args, torchrun=False, check=True, timeout=600):
+    """Run a training script with args in a subprocess from the repository root, as one process or as two
+    torchrun ranks. With check, a failed run raises, showing the end of its output."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run(launcher + [script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f'{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def records(out_dir):
+    """The lines of a run's log.jsonl."""
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_records(out_dir):
+    """The log lines of training steps (those with a loss)."""
+    return [r for r in records(out_dir) if 'loss' in r]
+
+
+def load_ckpt(out_dir):
+    """A run's ckpt.pt."""
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)

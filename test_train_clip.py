@@ -1,9 +1,6 @@
 """End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -11,84 +8,112 @@ import torch
 
 import data
 from model import DTPConfig
-from conftest import read_shard, write_tar
+from conftest import load_ckpt, read_shard, records, run_script, train_records, write_tar
 from train_utils import cosine_lr
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_tiny.py'
 
 
-def run(*args, torchrun=False, check=True, timeout=600):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(launcher + ['train_clip.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f'train_clip.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
+def run(*args, **kwargs):
+    return run_script('train_clip.py', *args, **kwargs)
 
 
-def records(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_records(out_dir):
-    return [r for r in records(out_dir) if 'loss' in r]
-
-
-def test_loss_decreases_and_everything_is_logged(tmp_path):
-    out = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def logged_run(tmp_path_factory):
+    """A 60-step run logging every 10 steps, with its final zero-shot evaluation."""
+    out = str(tmp_path_factory.mktemp('logged') / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=60', '--log_interval=10', '--ckpt_interval=1000')
-    logged = train_records(out)
-    assert [r['step'] for r in logged] == [10, 20, 30, 40, 50, 60]
+    return out
+
+
+def test_every_log_interval_is_logged(logged_run):
+    assert [r['step'] for r in train_records(logged_run)] == [10, 20, 30, 40, 50, 60]
+
+
+def test_loss_decreases(logged_run):
+    logged = train_records(logged_run)
     assert logged[-1]['contrastive'] < logged[0]['contrastive'] - 0.2, [r['contrastive'] for r in logged]
+
+
+def test_log_lines_hold_every_metric(logged_run):
+    logged = train_records(logged_run)
     for key in ['epoch', 'loss', 'contrastive', 'boundary', 'compression', 'lr', 'logit_scale', 'step_time',
                 'data_time', 'samples_per_s', 'mem_gb', 'skipped']:
         assert key in logged[0], key
-    assert 2.0 < logged[-1]['compression'] < 8.0  # 16 patches at a 4x target
-    assert any('epoch_end' in r and 'avg_step_time' in r for r in records(out))
-    final = [r for r in records(out) if 'zeroshot_top1' in r]
+
+
+def test_compression_is_near_the_target(logged_run):
+    assert 2.0 < train_records(logged_run)[-1]['compression'] < 8.0  # 16 patches at a 4x target
+
+
+def test_epochs_log_their_efficiency_metrics(logged_run):
+    assert any('epoch_end' in r and 'avg_step_time' in r for r in records(logged_run))
+
+
+def test_the_run_ends_with_a_zero_shot_evaluation(logged_run):
+    final = [r for r in records(logged_run) if 'zeroshot_top1' in r]
     assert final and final[-1]['step'] == 60 and 0 <= final[-1]['zeroshot_top5'] <= 100
-    assert os.path.isfile(os.path.join(out, 'boundaries_60.png'))
 
 
-def test_checkpoint_and_resume(tmp_path):
-    out = str(tmp_path / 'run')
+def test_evaluation_saves_a_picture_of_the_segments(logged_run):
+    assert os.path.isfile(os.path.join(logged_run, 'boundaries_60.png'))
+
+
+@pytest.fixture(scope='module')
+def resumed(tmp_path_factory):
+    """A 10-step run's checkpoint (first), the one a resume with nothing left to do wrote (again), and
+    those of a resume to step 20 (final), with the log."""
+    out = str(tmp_path_factory.mktemp('resumed') / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
-    first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    first = load_ckpt(out)
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
+    again = load_ckpt(out)
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
+    return dict(first=first, again=again, final=load_ckpt(out), logged=records(out))
+
+
+def test_checkpoint_holds_the_training_state(resumed):
+    first = resumed['first']
     assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config'}
 
-    # resuming with nothing left to do writes back exactly what it loaded
-    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+
+def test_resume_with_nothing_left_to_do_writes_back_what_it_loaded(resumed):
+    first, again = resumed['first'], resumed['again']
     for k, v in first['model'].items():
         assert torch.equal(v, again['model'][k]), k
     assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
 
-    # and resuming with more steps continues from step 10, on the same learning-rate schedule
-    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    logged = records(out)
-    resumed = [r for r in logged if 'resume_step' in r]
-    assert resumed and resumed[-1]['resume_step'] == 10
-    after = [r for r in logged[logged.index(resumed[-1]):] if 'loss' in r]
+
+def test_resume_continues_on_the_same_learning_rate_schedule(resumed):
+    logged = resumed['logged']
+    marks = [r for r in logged if 'resume_step' in r]
+    assert marks and marks[-1]['resume_step'] == 10
+    after = [r for r in logged[logged.index(marks[-1]):] if 'loss' in r]
     assert [r['step'] for r in after] == [15, 20]
     assert after[0]['lr'] == pytest.approx(cosine_lr(14, 20, 5, 1e-3, 1e-5))
-    final = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    final = resumed['final']
     assert final['step'] == 20 and final['optimizer']['state'][0]['step'] == 20
 
 
-def test_torchrun_two_ranks_stay_identical(tmp_path):
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
     """Two ranks streaming the shapes shards through the webdataset loader: CC12M's path (the other
     tests train from memory, as the 'shapes' default does)."""
-    out = str(tmp_path / 'ddp')
+    out = str(tmp_path_factory.mktemp('ddp') / 'ddp')
     run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=3', f"--train_data={data.make_shapes()['shards']}",
         '--train_num_samples=640', '--workers=1', torchrun=True)
-    sync = [r for r in records(out) if 'ranks_in_sync' in r]
+    return out
+
+
+def test_torchrun_two_ranks_stay_identical(ddp_run):
+    sync = [r for r in records(ddp_run) if 'ranks_in_sync' in r]
     assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
-    start = [r for r in records(out) if 'world_size' in r][0]
+
+
+def test_torchrun_ranks_share_the_epoch(ddp_run):
+    start = [r for r in records(ddp_run) if 'world_size' in r][0]
     assert start['world_size'] == 2
-    assert [r['step'] for r in train_records(out)] == [3, 6]
+    assert [r['step'] for r in train_records(ddp_run)] == [3, 6]
     assert start['steps_per_epoch'] == 10  # 640 samples / (32 per rank x 2 ranks)
 
 
@@ -121,29 +146,35 @@ def test_eval_only_reproduces_openclip_zero_shot(tmp_path):
     assert ours['zeroshot_top5'] == pytest.approx(100 * correct5 / n)
 
 
-def test_bad_config_and_missing_data_fail_clearly(tmp_path):
-    proc = run(TINY, '--compresion=8', check=False)
-    assert proc.returncode != 0 and "unknown key 'compresion'; did you mean 'compression'" in proc.stderr
-    proc = run(TINY, '--batch_size=large', check=False)
-    assert proc.returncode != 0 and 'batch_size' in proc.stderr and 'expected a int' in proc.stderr
-    proc = run(TINY, f'--out_dir={tmp_path}', "--train_data=/nonexistent/cc12m/{00000..00009}.tar",
-               '--train_num_samples=1000', check=False)
-    assert proc.returncode != 0 and '/nonexistent/cc12m/00000.tar' in proc.stderr and 'img2dataset' in proc.stderr
-    proc = run(TINY, f'--out_dir={tmp_path}', "--imagenet_val=/nonexistent/imagenet/val", check=False)
-    assert proc.returncode != 0 and '/nonexistent/imagenet/val' in proc.stderr and 'n01440764' in proc.stderr
-    # one entry point per setting: a DTP setting inside vision is refused, not silently overridden
+@pytest.mark.parametrize('args, expected', [
+    (['--compresion=8'], ["unknown key 'compresion'; did you mean 'compression'"]),
+    (['--batch_size=large'], ['batch_size', 'expected a int']),
+    (["--train_data=/nonexistent/cc12m/{00000..00009}.tar", '--train_num_samples=1000'],
+     ['/nonexistent/cc12m/00000.tar', 'img2dataset']),
+    (["--imagenet_val=/nonexistent/imagenet/val"], ['/nonexistent/imagenet/val', 'n01440764']),
+], ids=['unknown_key', 'wrong_type', 'missing_shards', 'missing_imagenet_val'])
+def test_bad_config_and_missing_data_fail_clearly(tmp_path, args, expected):
+    proc = run(TINY, f'--out_dir={tmp_path}', *args, check=False)
+    assert proc.returncode != 0 and all(e in proc.stderr for e in expected)
+
+
+def test_a_dtp_setting_inside_vision_is_refused(tmp_path):
+    """One entry point per setting: a DTP setting inside vision is refused, not silently overridden."""
     proc = run(TINY, f'--out_dir={tmp_path}', "--vision={'compression': 10.0}", check=False)
     assert proc.returncode != 0 and "vision['compression']" in proc.stderr and '--compression=' in proc.stderr
     assert 'Traceback' not in proc.stderr
 
 
-def test_unreadable_checkpoints_are_named(tmp_path):
+def test_an_unreadable_checkpoint_to_resume_is_named(tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(b'')  # e.g. a disk that filled up
     proc = run(TINY, f'--out_dir={out}', '--init_from=resume', check=False)
     assert proc.returncode != 0 and f'{out}/ckpt.pt is not a readable checkpoint' in proc.stderr, proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
+
+
+def test_an_init_from_that_is_no_checkpoint_is_named(tmp_path):
     notes = tmp_path / 'weights.bin'
     notes.write_text('download the weights from the wiki\n')
     proc = run(TINY, f'--out_dir={tmp_path / "other"}', f'--init_from={notes}', check=False)
@@ -151,40 +182,69 @@ def test_unreadable_checkpoints_are_named(tmp_path):
     assert 'Traceback' not in proc.stderr
 
 
-def test_own_checkpoint_as_init_from(tmp_path):
-    """A finished run's ckpt.pt as init_from (not 'resume'): its weights, so eval_only reproduces the run's
-    final zero-shot numbers, in train_clip.py and as the zero-shot head of train_cls.py."""
-    out = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+    """A finished 10-step run: its ckpt.pt and its final zero-shot log line."""
+    out = str(tmp_path_factory.mktemp('finished') / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10')
-    final = [r for r in records(out) if 'zeroshot_top1' in r][-1]
-    ckpt = os.path.join(out, 'ckpt.pt')
+    return os.path.join(out, 'ckpt.pt'), [r for r in records(out) if 'zeroshot_top1' in r][-1]
+
+
+def test_own_checkpoint_as_init_from(tmp_path, finished_run):
+    """A finished run's ckpt.pt as init_from (not 'resume'): its weights, so eval_only reproduces the run's
+    final zero-shot numbers."""
+    ckpt, final = finished_run
     again = str(tmp_path / 'again')
     run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True')
     assert [r for r in records(again) if 'zeroshot_top1' in r][-1]['zeroshot_top1'] == final['zeroshot_top1']
+
+
+def test_own_checkpoint_as_the_zero_shot_head_of_train_cls(tmp_path, finished_run):
+    """The same ckpt.pt as init_from of train_cls.py: its zero-shot head scores what the run scored."""
+    ckpt, final = finished_run
     cls = str(tmp_path / 'cls')
-    proc = subprocess.run([sys.executable, 'train_cls.py', 'config/shapes_cls_tiny.py', f'--out_dir={cls}',
-                           f'--init_from={ckpt}', '--eval_only=True'], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script('train_cls.py', 'config/shapes_cls_tiny.py', f'--out_dir={cls}', f'--init_from={ckpt}',
+                      '--eval_only=True', check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r for r in records(cls) if 'val_top1' in r][-1]['val_top1'] == pytest.approx(final['zeroshot_top1'])
-    proc = run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True', '--short_layers=2', check=False)
+
+
+def test_own_checkpoint_with_other_settings_is_refused(tmp_path, finished_run):
+    ckpt, _ = finished_run
+    proc = run(TINY, f'--out_dir={tmp_path / "again"}', f'--init_from={ckpt}', '--eval_only=True', '--short_layers=2',
+               check=False)
     assert proc.returncode != 0 and "init_from='resume'" in proc.stderr and 'Traceback' not in proc.stderr
 
 
-def test_command_line_pairs_win_over_files_and_merge_into_vision(tmp_path):
-    """Pairs placed before the config file still override it, and --vision changes only the keys it names
-    (replaced, it used to give the 224 px, width-768 ViT-B-32 tower)."""
-    out = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def pairs_first(tmp_path_factory):
+    """The checkpoint of a run given --vision and --max_steps before the config file."""
+    out = str(tmp_path_factory.mktemp('pairs') / 'run')
     run("--vision={'image_size': 48}", '--max_steps=2', TINY, f'--out_dir={out}', '--log_interval=1')
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
-    assert ckpt['step'] == 2  # not the file's max_steps=20
-    args = ckpt['model_args']
+    return load_ckpt(out)
+
+
+def test_command_line_pairs_win_over_files(pairs_first):
+    """Pairs placed before the config file still override it."""
+    assert pairs_first['step'] == 2  # not the file's max_steps=20
+
+
+def test_command_line_vision_merges_into_the_files(pairs_first):
+    """--vision changes only the keys it names (replaced, it used to give the 224 px, width-768 ViT-B-32 tower)."""
+    args = pairs_first['model_args']
     assert (args['image_size'], args['patch_size'], args['width'], args['predictor_hidden']) == (48, 8, 32, 32)
 
 
-def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
+@pytest.fixture(scope='module')
+def good_samples():
+    """The samples of the first shapes shard, sorted by key: [(key, {ext: bytes})]."""
+    return sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+
+
+def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path, good_samples):
     """An epoch that yields fewer batches than promised ends and training moves on; one that yields none
     stops the run with a message naming the shards (it used to re-enter the epoch forever)."""
-    good = sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+    good = good_samples
     (tmp_path / 'empty.tar').write_bytes(b'')
     proc = run(TINY, f'--out_dir={tmp_path / "a"}', f'--train_data={tmp_path / "empty.tar"}',
                '--train_num_samples=192', check=False, timeout=120)
@@ -211,13 +271,13 @@ def test_short_epochs_end_and_a_run_without_batches_stops(tmp_path):
         (0, 3, 3, 6), (1, 6, 3, 6)]
     assert short[0]['samples_short'] == 96  # 3 batches of 32
     assert [r['step'] for r in train_records(out)] == [3, 6, 9]
-    ckpt = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    ckpt = load_ckpt(out)
     assert ckpt['step'] == 9 and ckpt['epoch'] == 2
 
 
-def test_torchrun_rank_without_batches_stops_every_rank(tmp_path):
+def test_torchrun_rank_without_batches_stops_every_rank(tmp_path, good_samples):
     """Two ranks, one good shard and one empty: the rank with data must not wait for the other forever."""
-    good = sorted(read_shard(data.expand_urls(data.make_shapes()['shards'])[0]).items())
+    good = good_samples
     write_tar(tmp_path / 's0.tar', good[:100])
     (tmp_path / 's1.tar').write_bytes(b'')
     proc = run(TINY, f'--out_dir={tmp_path / "run"}', f'--train_data={tmp_path}/s{{0..1}}.tar',
@@ -228,43 +288,54 @@ def test_torchrun_rank_without_batches_stops_every_rank(tmp_path):
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = str(tmp_path / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10')
-    good = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    good = load_ckpt(out)
     proc = run(TINY, f'--out_dir={out}', '--max_steps=20', '--init_from=resume', '--lr=1e30', '--grad_clip=0.0',
                check=False)
     assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'is left as it was' in proc.stderr
     assert 'Traceback' not in proc.stderr
-    kept = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    kept = load_ckpt(out)
     assert kept['step'] == 10 and all(torch.equal(v, kept['model'][k]) for k, v in good['model'].items())
 
-    # a checkpoint every step and a log line never: the check at save time keeps NaN weights out
+
+def test_divergence_never_saves_nan_weights(tmp_path):
+    """A checkpoint every step and a log line never: the check at save time keeps NaN weights out."""
     out = str(tmp_path / 'every_step')
     proc = run(TINY, f'--out_dir={out}', '--lr=1e30', '--grad_clip=0.0', '--ckpt_interval=1', '--log_interval=1000',
                check=False)
     assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr
     if os.path.exists(os.path.join(out, 'ckpt.pt')):
-        saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+        saved = load_ckpt(out)
         assert all(v.isfinite().all() for v in saved['model'].values() if v.is_floating_point())
 
 
-def test_a_new_run_never_replaces_a_checkpoint(tmp_path):
-    out = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def four_steps(tmp_path_factory):
+    """A finished 4-step run (the tests using it start runs that are refused and change nothing)."""
+    out = str(tmp_path_factory.mktemp('four') / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=4')
-    proc = run(TINY, f'--out_dir={out}', '--max_steps=3', check=False)
+    return out
+
+
+def test_a_new_run_never_replaces_a_checkpoint(four_steps):
+    proc = run(TINY, f'--out_dir={four_steps}', '--max_steps=3', check=False)
     assert proc.returncode != 0 and "init_from=resume" in proc.stderr and 'out_dir' in proc.stderr
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+    assert load_ckpt(four_steps)['step'] == 4
 
 
-def test_resume_refuses_conflicting_settings(tmp_path):
+@pytest.mark.parametrize('arg', ['--pre_layers=2', '--boundary=none', '--compression=2.0',
+                                 "--vision={'image_size': 64}", '--batch_size=16'])
+def test_resume_refuses_conflicting_settings(four_steps, arg):
+    proc = run(TINY, f'--out_dir={four_steps}', '--max_steps=8', '--init_from=resume', arg, check=False)
+    key = arg[2:].split('=')[0]
+    assert proc.returncode != 0 and f"{key}=" in proc.stderr and 'checkpoint' in proc.stderr, arg
+    assert 'Traceback' not in proc.stderr
+
+
+def test_resume_may_change_what_is_not_architecture(tmp_path, four_steps):
     out = str(tmp_path / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=4')
-    for arg in ['--pre_layers=2', '--boundary=none', '--compression=2.0', "--vision={'image_size': 64}",
-                '--batch_size=16']:
-        proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
-        key = arg[2:].split('=')[0]
-        assert proc.returncode != 0 and f"{key}=" in proc.stderr and 'checkpoint' in proc.stderr, arg
-        assert 'Traceback' not in proc.stderr
+    shutil.copytree(four_steps, out)
     run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', '--lr=1e-3')  # not architecture: fine
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 8
+    assert load_ckpt(out)['step'] == 8
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -274,7 +345,7 @@ def test_resume_is_bit_exact(tmp_path):
     run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
-    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    a, b = (load_ckpt(d)['model'] for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -302,14 +373,17 @@ def test_imagenet_val_must_hold_the_1000_classes(tmp_path):
 def test_tome_trains_and_evaluates_the_plain_tower(tmp_path):
     """tome_r > 0: the plain tower merges tokens in training and zero-shot evaluation (16 patches,
     2 blocks, 2 merged in each: 12 patch tokens left, compression 16 / 12); the checkpoint holds the
-    plain ViT's weights. With a DTP tower it is a config error."""
+    plain ViT's weights."""
     out = str(tmp_path / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=2', '--log_interval=1', '--boundary=none', '--tome_r=2')
     logged = records(out)
     assert [r['compression'] for r in logged if 'loss' in r] == pytest.approx([16 / 12] * 2)
     assert [r for r in logged if 'zeroshot_top1' in r][-1]['eval_compression'] == pytest.approx(16 / 12)
-    keys = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+    keys = load_ckpt(out)['model']
     assert 'visual.proj' in keys and not any('predictor' in k for k in keys)
+
+
+def test_tome_with_a_dtp_tower_is_a_config_error(tmp_path):
     proc = run(TINY, f'--out_dir={tmp_path}', '--tome_r=2', check=False)
     assert proc.returncode != 0 and "config error: tome_r=2" in proc.stderr and "boundary='none'" in proc.stderr
     assert 'Traceback' not in proc.stderr
@@ -317,7 +391,7 @@ def test_tome_trains_and_evaluates_the_plain_tower(tmp_path):
 
 def test_tome_cost_picks_the_schedule_of_that_cost(tmp_path):
     """tome_cost = c: ToMe merges by flops.tome_r_for_cost's per-block schedule for c, in training and
-    evaluation (what a row 'ToMe at DTP's cost' needs); with tome_r too, or c > 1, it is a config error."""
+    evaluation (what a row 'ToMe at DTP's cost' needs)."""
     import flops
     import tome
     cfg = DTPConfig(image_size=32, patch_size=8, width=32, heads=2, embed_dim=32, pre_layers=1, short_layers=1,
@@ -331,22 +405,31 @@ def test_tome_cost_picks_the_schedule_of_that_cost(tmp_path):
     logged = records(out)
     assert [r['compression'] for r in logged if 'loss' in r] == pytest.approx([16 / left] * 2)
     assert [r for r in logged if 'zeroshot_top1' in r][-1]['eval_compression'] == pytest.approx(16 / left)
-    for bad in (['--tome_cost=0.75', '--tome_r=2'], ['--tome_cost=1.5']):
-        proc = run(TINY, f'--out_dir={tmp_path / "bad"}', '--boundary=none', *bad, check=False)
-        assert proc.returncode != 0 and 'config error: tome_r=' in proc.stderr and 'Traceback' not in proc.stderr
 
 
-def test_a_plain_run_shortened_training_free(tmp_path):
+@pytest.mark.parametrize('bad', [['--tome_cost=0.75', '--tome_r=2'], ['--tome_cost=1.5']],
+                         ids=['with_tome_r', 'above_1'])
+def test_tome_cost_with_tome_r_or_above_1_is_a_config_error(tmp_path, bad):
+    proc = run(TINY, f'--out_dir={tmp_path / "bad"}', '--boundary=none', *bad, check=False)
+    assert proc.returncode != 0 and 'config error: tome_r=' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.fixture(scope='module')
+def plain_ckpt(tmp_path_factory):
+    """The checkpoint of a 2-step plain-ViT run (boundary='none')."""
+    out = str(tmp_path_factory.mktemp('plain') / 'plain')
+    run(TINY, f'--out_dir={out}', '--max_steps=2', '--boundary=none')
+    return os.path.join(out, 'ckpt.pt')
+
+
+@pytest.mark.parametrize('setting', ['--boundary=fixed', '--boundary=cosine', '--tome_cost=0.75'])
+def test_a_plain_run_shortened_training_free(tmp_path, plain_ckpt, setting):
     """A plain-ViT run's checkpoint evaluated with pooling it was never trained with (fixed, the cosine
     router, ToMe): eval_only with init_from=ckpt.pt and the new setting runs at the pooled length."""
-    out = str(tmp_path / 'plain')
-    run(TINY, f'--out_dir={out}', '--max_steps=2', '--boundary=none')
-    ckpt = os.path.join(out, 'ckpt.pt')
-    for i, setting in enumerate(['--boundary=fixed', '--boundary=cosine', '--tome_cost=0.75']):
-        again = str(tmp_path / f'again{i}')
-        extra = ['--boundary=none'] if 'tome' in setting else ['--compression=4']
-        run(TINY, f'--out_dir={again}', f'--init_from={ckpt}', '--eval_only=True', setting, *extra)
-        final = [r for r in records(again) if 'zeroshot_top1' in r][-1]
-        assert final['eval_compression'] > 1.3 and not [r for r in records(again) if 'loss' in r]
-        if 'tome' not in setting:
-            assert final['eval_compression'] == pytest.approx(4.0)
+    again = str(tmp_path / 'again')
+    extra = ['--boundary=none'] if 'tome' in setting else ['--compression=4']
+    run(TINY, f'--out_dir={again}', f'--init_from={plain_ckpt}', '--eval_only=True', setting, *extra)
+    final = [r for r in records(again) if 'zeroshot_top1' in r][-1]
+    assert final['eval_compression'] > 1.3 and not [r for r in records(again) if 'loss' in r]
+    if 'tome' not in setting:
+        assert final['eval_compression'] == pytest.approx(4.0)

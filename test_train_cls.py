@@ -1,10 +1,7 @@
 """End-to-end tests of train_cls.py on the built-in shapes folders, with a tiny model (config/shapes_cls_tiny.py)
 or a small random OpenCLIP checkpoint standing in for a pretrained one."""
-import json
 import os
 import shutil
-import subprocess
-import sys
 from collections import Counter
 
 import open_clip
@@ -13,26 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import data
+from conftest import load_ckpt, records, run_script, train_records
 from model import load_openclip
 from train_utils import cosine_lr
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 TINY = 'config/shapes_cls_tiny.py'
 
 
-def run(*args, torchrun=False, check=True, timeout=600):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(launcher + ['train_cls.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode:
-        raise AssertionError(f'train_cls.py {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-def records(out_dir):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [json.loads(line) for line in f]
+def run(*args, **kwargs):
+    return run_script('train_cls.py', *args, **kwargs)
 
 
 def openclip_checkpoint(tmp_path):
@@ -49,81 +35,142 @@ def openclip_checkpoint(tmp_path):
                  '--pre_layers=2', '--short_layers=10', '--batch_size=32']
 
 
-def test_loss_decreases_and_everything_is_logged(tmp_path):
-    out = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def logged_run(tmp_path_factory):
+    """A 60-step run (one epoch) logging every 10 steps, and its epoch's log line with the validation."""
+    out = str(tmp_path_factory.mktemp('logged') / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=60', '--log_interval=10', '--ckpt_interval=1000', '--lr=3e-3')
-    logged = [r for r in records(out) if 'loss' in r]
-    assert [r['step'] for r in logged] == [10, 20, 30, 40, 50, 60]
+    return out, [r for r in records(out) if 'val_top1' in r]
+
+
+def test_every_log_interval_is_logged(logged_run):
+    out, _ = logged_run
+    assert [r['step'] for r in train_records(out)] == [10, 20, 30, 40, 50, 60]
+
+
+def test_loss_decreases(logged_run):
+    logged = train_records(logged_run[0])
     assert logged[-1]['ce'] < logged[0]['ce'] - 0.8, [r['ce'] for r in logged]  # untrained, it wanders by ~0.3
+
+
+def test_log_lines_hold_every_metric(logged_run):
+    logged = train_records(logged_run[0])
     for key in ['epoch', 'loss', 'ce', 'boundary', 'compression', 'lr', 'step_time', 'data_time', 'samples_per_s',
                 'mem_gb']:
         assert key in logged[0], key
-    epoch = [r for r in records(out) if 'val_top1' in r]
+
+
+def test_each_epoch_is_validated_once(logged_run):
+    _, epoch = logged_run
     assert len(epoch) == 1 and epoch[0]['step'] == 60
+
+
+def test_epoch_lines_hold_every_metric(logged_run):
+    _, epoch = logged_run
     for key in ['train_loss', 'val_top1', 'val_top5', 'train_compression', 'eval_compression', 'avg_step_time',
                 'peak_mem_gb', 'lr']:
         assert key in epoch[0], key
+
+
+def test_validation_accuracy_is_a_percentage(logged_run):
+    _, epoch = logged_run
     assert 0 <= epoch[0]['val_top1'] <= epoch[0]['val_top5'] <= 100
+
+
+def test_compression_is_near_the_target(logged_run):
+    _, epoch = logged_run
     assert 2.0 < epoch[0]['train_compression'] < 8.0 and epoch[0]['eval_compression'] == 4.0  # 16 patches, 4x
+
+
+def test_epochs_log_their_efficiency_metrics(logged_run):
+    _, epoch = logged_run
     assert epoch[0]['avg_step_time'] > 0 and epoch[0]['peak_mem_gb'] is None  # no memory statistics on CPU
+
+
+def test_validation_saves_a_picture_of_the_segments(logged_run):
+    out, _ = logged_run
     assert os.path.isfile(os.path.join(out, 'boundaries_60.png'))
 
 
-def test_zeroshot_head_reproduces_the_zero_shot_classifier(tmp_path):
-    """Untrained, the classifier IS CLIP's zero-shot classifier: the same top-1/top-5 on the val set, and
-    per image the same logits (CLIP's logit scale times the cosine similarities)."""
+@pytest.fixture(scope='module')
+def zero_shot(tmp_path_factory):
+    """A stand-in pretrained checkpoint (see openclip_checkpoint), the arguments that load it, and OpenCLIP's
+    own zero-shot classifier of it on the shapes val set: the classifier, the images, their labels and logits."""
+    tmp_path = tmp_path_factory.mktemp('zero_shot')
     ref, args = openclip_checkpoint(tmp_path)
     tokenizer = open_clip.get_tokenizer('ViT-B-32', context_length=32)
-    zero_shot = open_clip.build_zero_shot_classifier(ref, tokenizer, data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES)
+    classifier = open_clip.build_zero_shot_classifier(ref, tokenizer, data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES)
     loader = data.folder_loader(data.make_shapes()['root'], 'val', data.image_transforms(64)[1], 250, workers=0)
     with torch.no_grad():
         images, labels = map(torch.cat, zip(*loader))
-        expected = ref.logit_scale.exp() * ref.encode_image(images, normalize=True) @ zero_shot
-    top5 = expected.topk(5, dim=1).indices
-    assert len(labels) == 1500
+        expected = ref.logit_scale.exp() * ref.encode_image(images, normalize=True) @ classifier
+    return dict(tmp_path=tmp_path, ref=ref, args=args, classifier=classifier, images=images, labels=labels,
+                expected=expected)
 
-    # head_init='auto' picks 'zeroshot' for a checkpoint; boundary='none' is the OpenCLIP ViT exactly
-    evaluated = str(tmp_path / 'eval')
-    run(*args, '--boundary=none', '--eval_only=True', f'--out_dir={evaluated}')
+
+def test_zeroshot_head_reproduces_the_zero_shot_classifier(zero_shot):
+    """Untrained, the classifier IS CLIP's zero-shot classifier: the same top-1/top-5 on the val set.
+    head_init='auto' picks 'zeroshot' for a checkpoint; boundary='none' is the OpenCLIP ViT exactly."""
+    labels = zero_shot['labels']
+    top5 = zero_shot['expected'].topk(5, dim=1).indices
+    assert len(labels) == 1500
+    evaluated = str(zero_shot['tmp_path'] / 'eval')
+    run(*zero_shot['args'], '--boundary=none', '--eval_only=True', f'--out_dir={evaluated}')
     ours = records(evaluated)[-1]
     assert ours['val_top1'] == pytest.approx(100 * (top5[:, 0] == labels).float().mean().item())
     assert ours['val_top5'] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
 
-    # one step at lr 0 (zero steps is refused): the checkpoint holds the initial classifier; its architecture
-    # comes back from model_args
-    initial = str(tmp_path / 'initial')
-    run(*args, '--boundary=none', '--max_steps=1', '--lr=0', f'--out_dir={initial}')
-    ckpt = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
+
+def test_zeroshot_head_gives_the_zero_shot_logits(zero_shot):
+    """Per image, the untrained classifier's logits are CLIP's (its logit scale times the cosine similarities).
+    One step at lr 0 (zero steps is refused): the checkpoint holds the initial classifier; its architecture
+    comes back from model_args."""
+    ref, expected = zero_shot['ref'], zero_shot['expected']
+    initial = str(zero_shot['tmp_path'] / 'initial')
+    run(*zero_shot['args'], '--boundary=none', '--max_steps=1', '--lr=0', f'--out_dir={initial}')
+    ckpt = load_ckpt(initial)
     assert ckpt['step'] == 1 and ckpt['n_classes'] == 30
     visual = load_openclip(**ckpt['model_args']).visual.eval()
     visual.load_state_dict({k[7:]: v for k, v in ckpt['model'].items() if k.startswith('visual.')})
     with torch.no_grad():
-        features = F.normalize(visual(images)[0], dim=-1)
+        features = F.normalize(visual(zero_shot['images'])[0], dim=-1)
         logits = F.linear(features, ckpt['model']['head.weight'], ckpt['model']['head.bias'])
     assert torch.equal(ckpt['model']['head.bias'], torch.zeros(30))
-    torch.testing.assert_close(ckpt['model']['head.weight'], (ref.logit_scale.exp() * zero_shot.T).detach())
+    torch.testing.assert_close(ckpt['model']['head.weight'],
+                               (ref.logit_scale.exp() * zero_shot['classifier'].T).detach())
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(logits.argmax(1), expected.argmax(1))
 
 
-def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
+@pytest.fixture(scope='module')
+def finetune_start(tmp_path_factory):
+    """One step of finetuning a stand-in pretrained checkpoint at lr 0: the initial weights (the seed fixes
+    the new head and predictor) and the finetuning optimizer, whose pretrained weights train at lr *
+    backbone_lr_scale. Returns the pretrained state dict, the arguments and that checkpoint."""
+    tmp_path = tmp_path_factory.mktemp('finetune')
     ref, args = openclip_checkpoint(tmp_path)
     args += ['--boundary=gumbel', '--compression=4.0']
-    pretrained = ref.state_dict()
-    initial, trained = str(tmp_path / 'initial'), str(tmp_path / 'trained')
-    # one step of finetuning at lr 0: the initial weights (the seed fixes the new head and predictor) and the
-    # finetuning optimizer, whose pretrained weights train at lr * backbone_lr_scale
+    initial = str(tmp_path / 'initial')
     run(*args, '--max_steps=1', '--lr=0', '--backbone_lr_scale=0.1', f'--out_dir={initial}')
-    before = torch.load(os.path.join(initial, 'ckpt.pt'), weights_only=True)
+    return ref.state_dict(), args, load_ckpt(initial)
+
+
+def test_finetuning_trains_the_pretrained_weights_at_backbone_lr_scale(finetune_start):
+    pretrained, _, before = finetune_start
     n_pretrained = len([k for k in pretrained if k.startswith('visual.')])
     n_params = Counter()
     for group in before['optimizer']['param_groups']:
         n_params[group['lr_scale']] += len(group['params'])
     assert n_params == {1.0: 8, 0.1: n_pretrained}  # 8: head and predictor weights and biases
-    before = before['model']
 
+
+def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path, finetune_start):
+    pretrained, args, before = finetune_start
+    n_pretrained = len([k for k in pretrained if k.startswith('visual.')])
+    before = before['model']
+    trained = str(tmp_path / 'trained')
     run(*args, '--freeze_backbone=True', '--max_steps=5', '--lr=1e-2', f'--out_dir={trained}')
-    after = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    after = load_ckpt(trained)
     new = [k for k in after['model'] if k.startswith(('head.', 'visual.predictor.'))]
     assert len(new) == 8 and len(after['model']) == len(new) + n_pretrained
     for k, v in after['model'].items():
@@ -135,46 +182,69 @@ def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path):
     assert [r for r in records(trained) if 'val_top1' in r][-1]['eval_compression'] == 4.0  # the predictor is used
 
 
-def test_checkpoint_and_resume(tmp_path):
-    out = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def resumed(tmp_path_factory):
+    """A 10-step run's checkpoint (first), the one a resume with nothing left to do wrote (again), and
+    those of a resume to step 20 (final), with the log."""
+    out = str(tmp_path_factory.mktemp('resumed') / 'run')
     run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
-    first = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    first = load_ckpt(out)
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
+    again = load_ckpt(out)
+    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
+    return dict(first=first, again=again, final=load_ckpt(out), logged=records(out))
+
+
+def test_checkpoint_holds_the_training_state(resumed):
+    first = resumed['first']
     assert first['step'] == 10 and set(first) >= {'model', 'optimizer', 'scaler', 'step', 'epoch', 'config',
                                                   'model_args', 'n_classes'}
 
-    # resuming with nothing left to do writes back exactly what it loaded
-    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    again = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+
+def test_resume_with_nothing_left_to_do_writes_back_what_it_loaded(resumed):
+    first, again = resumed['first'], resumed['again']
     for k, v in first['model'].items():
         assert torch.equal(v, again['model'][k]), k
     assert again['optimizer']['state'][0]['step'] == first['optimizer']['state'][0]['step'] == 10
 
-    # and resuming with more steps continues from step 10, on the same learning-rate schedule
-    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    logged = records(out)
-    resumed = [r for r in logged if 'resume_step' in r]
-    assert resumed and resumed[-1]['resume_step'] == 10 and resumed[-1]['skipping_batches'] == 10
-    after = [r for r in logged[logged.index(resumed[-1]):] if 'loss' in r]
+
+def test_resume_continues_on_the_same_learning_rate_schedule(resumed):
+    logged, first = resumed['logged'], resumed['first']
+    marks = [r for r in logged if 'resume_step' in r]
+    assert marks and marks[-1]['resume_step'] == 10 and marks[-1]['skipping_batches'] == 10
+    after = [r for r in logged[logged.index(marks[-1]):] if 'loss' in r]
     assert [r['step'] for r in after] == [15, 20]
     assert after[0]['lr'] == pytest.approx(cosine_lr(14, 20, 5, 1e-3, 1e-5))
-    final = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    final = resumed['final']
     assert final['step'] == 20 and final['optimizer']['state'][0]['step'] == 20
     assert not torch.equal(final['model']['head.weight'], first['model']['head.weight'])
 
 
-def test_torchrun_two_ranks_stay_identical(tmp_path):
-    out = str(tmp_path / 'ddp')
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    """A 6-step run on two ranks."""
+    out = str(tmp_path_factory.mktemp('ddp') / 'ddp')
     run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=3', torchrun=True)
-    sync = [r for r in records(out) if 'ranks_in_sync' in r]
+    return out
+
+
+def test_torchrun_two_ranks_stay_identical(ddp_run):
+    sync = [r for r in records(ddp_run) if 'ranks_in_sync' in r]
     assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
-    assert [r['world_size'] for r in records(out) if 'world_size' in r] == [2]
-    assert [r['step'] for r in records(out) if 'loss' in r] == [3, 6]
+
+
+def test_torchrun_logs_one_run_of_two_ranks(ddp_run):
+    assert [r['world_size'] for r in records(ddp_run) if 'world_size' in r] == [2]
+    assert [r['step'] for r in train_records(ddp_run)] == [3, 6]
 
 
 def test_missing_imagenet_fails_clearly(tmp_path):
     proc = run(TINY, f'--out_dir={tmp_path}', '--data_dir=/nonexistent/imagenet', check=False)
     assert proc.returncode != 0 and '/nonexistent/imagenet/train' in proc.stderr and 'n01440764' in proc.stderr
     assert 'Traceback' not in proc.stderr  # a message, not a crash
+
+
+def test_zero_temperature_is_refused_up_front(tmp_path):
     proc = run(TINY, f'--out_dir={tmp_path}', '--temperature=0', check=False)  # a NaN loss, once
     assert proc.returncode != 0 and 'temperature=0.0: must be > 0' in proc.stderr and 'Traceback' not in proc.stderr
 
@@ -186,7 +256,7 @@ def test_resume_is_bit_exact(tmp_path):
     run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
     run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
-    a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)['model'] for d in (straight, resumed))
+    a, b = (load_ckpt(d)['model'] for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -195,7 +265,7 @@ def test_divergence_never_saves_nan_weights(tmp_path):
     proc = run(TINY, f'--out_dir={out}', '--lr=1000.0', '--boundary=none', '--ckpt_interval=1', '--log_interval=1000',
                check=False)
     assert proc.returncode != 0 and 'NaN or infinite' in proc.stderr and 'Traceback' not in proc.stderr
-    saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    saved = load_ckpt(out)
     assert all(v.isfinite().all() for v in saved['model'].values())
 
 
@@ -208,7 +278,7 @@ def test_no_silent_overwrite_and_no_conflicting_resume(tmp_path):
         proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
         assert proc.returncode != 0 and arg[2:].split('=')[0] + '=' in proc.stderr, arg
         assert 'Traceback' not in proc.stderr
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['step'] == 4
+    assert load_ckpt(out)['step'] == 4
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

@@ -6,7 +6,7 @@ import traceback
 import pytest
 import torch
 
-from train_utils import (boundary_confidence, check_settings, configure, cosine_lr, param_groups,
+from train_utils import (boundary_confidence, check_resume, check_settings, configure, cosine_lr, param_groups,
                          save_checkpoint, segment_quality, trim_log)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
@@ -42,6 +42,24 @@ def test_wrong_type_and_malformed_arguments_fail_clearly():
         configure(DEFAULTS, ['--lr'])
     with pytest.raises(SystemExit, match=r'no config file'):
         configure(DEFAULTS, ['config/does_not_exist.py'])
+
+
+def test_the_renamed_model_setting_names_arch(tmp_path):
+    """`model` (the OpenCLIP architecture) is now `arch`: an old command line or config file says so."""
+    defaults = dict(DEFAULTS, arch='ViT-B-32')
+    with pytest.raises(SystemExit, match=r"'model' is now called 'arch'; set arch='ViT-B-16'"):
+        configure(defaults, ['--model=ViT-B-16'])
+    old = tmp_path / 'old.py'
+    old.write_text("model = 'ViT-B-16'\n")
+    with pytest.raises(SystemExit, match=r"old\.py.*'model' is now called 'arch'"):
+        configure(defaults, [str(old)])
+
+
+def test_resume_compares_an_old_checkpoints_model_as_arch():
+    old = dict(config=dict(model='ViT-B-32', batch_size=64))  # saved before the rename
+    check_resume(dict(arch='ViT-B-32', batch_size=64), old, ['arch', 'batch_size'], 'ckpt.pt')
+    with pytest.raises(SystemExit, match=r"arch='ViT-B-16' \(checkpoint: 'ViT-B-32'\)"):
+        check_resume(dict(arch='ViT-B-16', batch_size=64), old, ['arch', 'batch_size'], 'ckpt.pt')
 
 
 def test_cosine_schedule():

@@ -19,17 +19,16 @@ import open_clip
 import torch
 import torch.distributed as dist
 from open_clip import zero_shot_metadata
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import flops
 import tome
-from train_utils import (autocast, check_resume, check_settings, config_keys, configure, cosine_lr,
-                         divergence_is_an_error, evaluate, load_model, log_jsonl, param_groups, peak_memory_gb,
-                         read_checkpoint, refuse_overwrite, replica_checksums, save_checkpoint, save_segments_png,
-                         setup_distributed, step_seed, stop_if_not_finite, sync, teardown_distributed, together,
-                         trim_log, unwrap)
+from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
+                         divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
+                         interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
+                         reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
+                         shapes_data, step_seed, stop_if_not_finite, sync, together, unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -46,7 +45,7 @@ train_num_samples = 0       # samples per epoch of webdataset shards (required);
 imagenet_val = None         # ImageNet val folder (one sub-folder per class) for zero-shot evaluation
 workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo
-model = 'ViT-B-32'          # OpenCLIP config name of both towers
+arch = 'ViT-B-32'           # OpenCLIP config name of both towers
 vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
@@ -90,26 +89,13 @@ if (tome_r or tome_cost) and (tome_r < 0 or not 0 <= tome_cost <= 1 or boundary 
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
-refuse_overwrite(out_dir, init_from, eval_only)
-os.makedirs(out_dir, exist_ok=True)
-log_file = os.path.join(out_dir, 'log.jsonl')
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-
-
-def log(record):
-    if master:
-        tqdm.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()))
-        log_jsonl(log_file, record)
-
+log_file, ckpt_path = prepare_out_dir(out_dir, init_from, eval_only)
+log = make_logger(log_file, master)
 
 # data ------------------------------------------------------------------------------------------
 use_shapes = train_data == 'shapes'
 if use_shapes:
-    if master:
-        shapes = data.make_shapes()  # idempotent: generated once, then reused
-    if world_size > 1:
-        dist.barrier()
-    shapes = data.shapes_paths()
+    shapes = shapes_data(master, world_size)
     train_data = shapes['shards']
 elif not eval_only:
     if not train_num_samples:
@@ -120,28 +106,9 @@ elif not eval_only:
                          f"(expected img2dataset output, e.g. '/data/cc12m/{{00000..01242}}.tar')")
 
 # model -----------------------------------------------------------------------------------------
-dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
-           eval_boundaries=eval_boundaries, pool=pool, scan=scan,
-           train_boundaries=train_boundaries, position_prior=position_prior,
-           detach_predictor_input=detach_predictor_input,
-           boundary_noise=boundary_noise, size_attention=size_attention)
-if short_layers is not None:
-    dtp['short_layers'] = short_layers
 torch.manual_seed(seed)  # the same initial weights on every rank
-ckpt = None
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
-    ckpt = read_checkpoint(ckpt_path)
-    # the architecture comes from the checkpoint, and batch_size fixes which samples it has seen
-    check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
-                                'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
-                                'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention', 'batch_size'], ckpt_path)
-    model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
-else:
-    model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
-clip = load_model(model_args)
-model_args['pretrained'] = None  # weights come from the checkpoint from now on
+# resuming, the architecture comes from the checkpoint, and batch_size fixes which samples it has seen
+clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'])
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
 if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)
@@ -184,11 +151,7 @@ def zero_shot(step):
         features, aux = model.visual(images)
         return torch.nn.functional.normalize(features, dim=-1) @ classifier.to(features.dtype), aux
     result = evaluate(logits_fn, val_loader, device, precision, object_patches)
-    images = next(iter(val_loader))[0][:16].to(device)
-    with torch.no_grad(), autocast(device, precision):
-        segment_ids = model.visual(images)[1]['segment_ids']
-    save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, segment_ids, model.visual.grid_size,
-                      open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+    save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), model.visual, val_loader, device, precision)
     model.train()
     return dict(step=step, zeroshot_top1=result.pop('top1'), zeroshot_top5=result.pop('top5'),
                 eval_compression=result.pop('compression'), **result)
@@ -211,32 +174,23 @@ else:
 total_steps = max_steps or epochs * loader.num_batches
 optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
                               fused=True)
-scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
+scaler = grad_scaler(precision, device)
 step = 0
 epoch, seen = 0, 0  # the epoch and how many of its batches were trained on
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
+    restore_optimizer(ckpt, optimizer, scaler, log_file, master)
     step = ckpt['step']
     # epochs that came up short make step // num_batches drift from the epoch; older checkpoints lack epoch_step
     epoch, seen = (ckpt['epoch'], ckpt['epoch_step']) if 'epoch_step' in ckpt else divmod(step, loader.num_batches)
     del ckpt
-    if master:
-        trim_log(log_file, step)
 loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                              world_size=world_size)
-model = torch.compile(clip) if compile else clip
-if world_size > 1:
-    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+model = wrap_model(clip, compile, world_size, device)
 
 
 def checkpoint():
-    # the loss since the last log line and the weights: NaN weights never replace a good checkpoint
-    stop_if_not_finite([window.get('loss', 0.0), *clip.parameters()], step, ckpt_path, device, world_size)
-    if master:
-        save_checkpoint(dict(model=unwrap(clip).state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), step=step, epoch=epoch, epoch_step=seen,
-                             config=config, model_args=model_args), ckpt_path)
+    save_run(ckpt_path, clip, optimizer, scaler, step, window.get('loss', 0.0), device, world_size, master,
+             epoch=epoch, epoch_step=seen, config=config, model_args=model_args)
 
 
 log(dict(params_M=sum(p.numel() for p in clip.parameters()) / 1e6, steps=total_steps,
@@ -249,8 +203,7 @@ if seen >= loader.num_batches:  # checkpointed at the end of an epoch
     epoch, seen = epoch + 1, 0
 while step < total_steps:
     loader.set_epoch(epoch)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     batches = iter(loader)
     got = 0  # batches this epoch yielded: fewer than promised when shards are short, empty or unreadable
     if seen:  # resumed mid-epoch: skip what the checkpointed run already trained on (data only)
@@ -264,19 +217,12 @@ while step < total_steps:
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group['lr'] = cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr)
+        set_lr(optimizer, cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr))
         with autocast(device, precision), divergence_is_an_error(clip.parameters(), step, ckpt_path):
             out = model(images, texts)
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(clip.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, clip.parameters(), grad_clip)
         with torch.no_grad():  # as OpenCLIP: a temperature below 1/100 makes the loss unstable
             unwrap(clip).logit_scale.clamp_(0, math.log(100))
         sync(device)
@@ -284,23 +230,17 @@ while step < total_steps:
         step += 1
         seen += 1
 
-        for k, v in dict(loss=loss, contrastive=contrastive, boundary=out['boundary_loss'],
-                         compression=out['compression'], step_time=t2 - t1, data_time=t1 - t0, n=1).items():
-            window[k] = window[k] + (v.detach() if torch.is_tensor(v) else v)
-        epoch_stats['step_time'] += t2 - t1
-        epoch_stats['n'] += 1
+        accumulate(dict(loss=loss, contrastive=contrastive, boundary=out['boundary_loss'],
+                        compression=out['compression'], step_time=t2 - t1, data_time=t1 - t0, n=1), window)
+        accumulate(dict(step_time=t2 - t1, n=1), epoch_stats)
         bar.update()
         if step % log_interval == 0 or step == total_steps:
             stop_if_not_finite([window['loss']], step, ckpt_path, device, world_size)
-            n = window.pop('n')
-            record = dict(step=step, epoch=epoch + seen / loader.num_batches,
-                          **{k: float(v) / n for k, v in window.items()},
-                          lr=optimizer.param_groups[0]['lr'], logit_scale=unwrap(clip).logit_scale.exp().item(),
-                          samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
-                          mem_gb=peak_memory_gb(device), skipped=loader.skipped())
+            record = interval_record(window, step, epoch + seen / loader.num_batches, optimizer.param_groups[0]['lr'],
+                                     batch_size * world_size, device, loader.skipped(),
+                                     logit_scale=unwrap(clip).logit_scale.exp().item())
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", compression=f"{record['compression']:.2f}")
-            window.clear()
         if eval_interval and step % eval_interval == 0 and step < total_steps and val_loader:
             log(zero_shot(step))
         if step % ckpt_interval == 0 and step < total_steps:
@@ -328,9 +268,4 @@ bar.close()
 checkpoint()
 if val_loader:
     log(zero_shot(step))
-if world_size > 1:
-    in_sync, checksums = replica_checksums(clip.parameters(), world_size)
-    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
-    teardown_distributed()
-    if not in_sync:
-        raise RuntimeError('the DDP replicas hold different weights')
+finish_distributed(clip.parameters(), world_size, step, log)

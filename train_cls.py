@@ -23,15 +23,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip import zero_shot_metadata
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from train_utils import (autocast, check_resume, check_settings, config_keys, configure, cosine_lr,
-                         divergence_is_an_error, evaluate, load_model, log_jsonl, param_groups, peak_memory_gb,
-                         read_checkpoint, refuse_overwrite, replica_checksums, save_checkpoint, save_segments_png,
-                         setup_distributed, step_seed, stop_if_not_finite, sync, teardown_distributed, trim_log,
-                         unwrap)
+from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
+                         divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
+                         interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
+                         reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
+                         shapes_data, step_seed, stop_if_not_finite, sync, unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -46,7 +45,7 @@ ckpt_interval = 250         # steps between checkpoints (and one at the end); ev
 data_dir = 'shapes'         # 'shapes' (built-in, generated on first use) or an ImageNet root with train/ and val/
 workers = 0                 # dataloader processes per GPU (0 for the demo: on 2 cores, workers slow the model)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo (as in train_clip.py)
-model = 'ViT-B-32'          # OpenCLIP config name
+arch = 'ViT-B-32'           # OpenCLIP config name
 vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  # DTPConfig overrides (None: none)
 text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrides; the text tower is only
                             # used to build a zero-shot head, and dropped afterwards
@@ -90,25 +89,13 @@ if head_init not in ('auto', 'zeroshot', 'random'):
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
-refuse_overwrite(out_dir, init_from, eval_only)
-os.makedirs(out_dir, exist_ok=True)
-log_file = os.path.join(out_dir, 'log.jsonl')
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-
-
-def log(record):
-    if master:
-        tqdm.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()))
-        log_jsonl(log_file, record)
-
+log_file, ckpt_path = prepare_out_dir(out_dir, init_from, eval_only)
+log = make_logger(log_file, master)
 
 # data: two ImageFolders; a missing or malformed one fails here, with the layout it expects ------
 if data_dir == 'shapes':
-    if master:
-        data.make_shapes()  # idempotent: generated once, then reused
-    if world_size > 1:
-        dist.barrier()
-    data_root, classnames, templates = data.shapes_paths()['root'], data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
+    data_root = shapes_data(master, world_size)['root']
+    classnames, templates = data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
 else:
     data_root = data_dir
     classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
@@ -133,29 +120,10 @@ class Classifier(nn.Module):
 
 
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
-ckpt = None
-if init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
-    ckpt = read_checkpoint(ckpt_path)
-    # the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
-    check_resume(config, ckpt, ['model', 'vision', 'text', 'pre_layers', 'short_layers', 'boundary', 'compression',
-                                'temperature', 'eval_boundaries', 'pool', 'scan', 'train_boundaries',
-                                'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention', 'freeze_backbone', 'backbone_lr_scale',
-                                'batch_size'], ckpt_path)
-    model_args, pretrained = ckpt['model_args'], ckpt['pretrained_backbone']  # as the checkpointed run
-else:
-    dtp = dict(vision or {}, pre_layers=pre_layers, boundary=boundary, compression=compression, temperature=temperature,
-               eval_boundaries=eval_boundaries, pool=pool, scan=scan,
-               train_boundaries=train_boundaries, position_prior=position_prior,
-               detach_predictor_input=detach_predictor_input,
-           boundary_noise=boundary_noise, size_attention=size_attention)
-    if short_layers is not None:
-        dtp['short_layers'] = short_layers
-    model_args = dict(model_name=model, pretrained=None if init_from == 'scratch' else init_from, text=text, **dtp)
-    pretrained = init_from != 'scratch'
-clip = load_model(model_args)
-model_args['pretrained'] = None  # weights come from the checkpoint from now on
+# resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
+clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
+                                                                     'batch_size'])
+pretrained = ckpt['pretrained_backbone'] if ckpt is not None else init_from != 'scratch'  # as the checkpointed run
 net = Classifier(clip.visual, len(train_set.classes)).to(device)
 if ckpt is not None:
     net.load_state_dict(ckpt['model'])
@@ -214,11 +182,7 @@ def validate():
     m.eval()
     result = evaluate(m, val_loader, device, precision, object_patches)
     if m.visual.cfg.boundary != 'none':
-        images = next(iter(val_loader))[0][:16].to(device)
-        with torch.no_grad(), autocast(device, precision):
-            segment_ids = m.visual(images)[1]['segment_ids']
-        save_segments_png(os.path.join(out_dir, f'boundaries_{step}.png'), images, segment_ids, m.visual.grid_size,
-                          open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+        save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), m.visual, val_loader, device, precision)
     m.train()
     return dict(val_top1=result.pop('top1'), val_top5=result.pop('top5'), eval_compression=result.pop('compression'),
                 **result)
@@ -239,27 +203,18 @@ if not steps_per_epoch:
     raise SystemExit(f'{data_root}/train: {len(train_set)} images, fewer than one batch of {batch_size} per rank')
 total_steps = max_steps or epochs * steps_per_epoch
 optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-scaler = torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
+scaler = grad_scaler(precision, device)
 if ckpt is not None:
-    optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
+    restore_optimizer(ckpt, optimizer, scaler, log_file, master)
     del ckpt
-    if master:
-        trim_log(log_file, step)
 loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-model = torch.compile(net) if compile else net
-if world_size > 1:
-    model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+model = wrap_model(net, compile, world_size, device)
 
 
 def checkpoint():
-    # the loss since the last log line and the weights: NaN weights never replace a good checkpoint
-    stop_if_not_finite([window.get('loss', 0.0), *net.parameters()], step, ckpt_path, device, world_size)
-    if master:
-        save_checkpoint(dict(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             step=step, epoch=step // steps_per_epoch, config=config, model_args=model_args,
-                             n_classes=len(train_set.classes), classes=train_set.classes,
-                             pretrained_backbone=pretrained), ckpt_path)
+    save_run(ckpt_path, net, optimizer, scaler, step, window.get('loss', 0.0), device, world_size, master,
+             epoch=step // steps_per_epoch, config=config, model_args=model_args, n_classes=len(train_set.classes),
+             classes=train_set.classes, pretrained_backbone=pretrained)
 
 
 log(dict(params_M=sum(p.numel() for p in net.parameters()) / 1e6,
@@ -276,8 +231,7 @@ while step < total_steps:
     loader = torch.utils.data.DataLoader(train_set, batch_size, sampler=list(sampler)[seen * batch_size:],
                                          drop_last=True, num_workers=workers, pin_memory=device.type == 'cuda',
                                          collate_fn=data.collate)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     epoch_stats = defaultdict(float)
     batches = iter(loader)  # (draws the workers' seeds from the global RNG)
     # Random crops (workers=0) and Gumbel noise draw from the global RNG: reseeded from the step here and
@@ -291,40 +245,26 @@ while step < total_steps:
         images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         sync(device)
         t1 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group['lr'] = group['lr_scale'] * cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr)
+        set_lr(optimizer, cosine_lr(step, lr_decay_steps or total_steps, warmup_steps, lr, min_lr))  # x lr_scale
         with autocast(device, precision), divergence_is_an_error(net.parameters(), step, ckpt_path):
             logits, aux = model(images)
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, net.parameters(), grad_clip)
         sync(device)
         t2 = time.perf_counter()
         step += 1
         torch.manual_seed(step_seed(seed, rank, step))
 
-        stats = dict(loss=loss, ce=ce, boundary=aux['boundary_loss'], compression=aux['compression'],
-                     step_time=t2 - t1, data_time=t1 - t0, n=1)
-        for k, v in stats.items():
-            v = v.detach() if torch.is_tensor(v) else v
-            window[k], epoch_stats[k] = window[k] + v, epoch_stats[k] + v
+        accumulate(dict(loss=loss, ce=ce, boundary=aux['boundary_loss'], compression=aux['compression'],
+                        step_time=t2 - t1, data_time=t1 - t0, n=1), window, epoch_stats)
         bar.update()
         if step % log_interval == 0 or step == total_steps:
             stop_if_not_finite([window['loss']], step, ckpt_path, device, world_size)
-            n = window.pop('n')
-            record = dict(step=step, epoch=step / steps_per_epoch, **{k: float(v) / n for k, v in window.items()},
-                          lr=optimizer.param_groups[0]['lr'],
-                          samples_per_s=n * batch_size * world_size / (window['step_time'] + window['data_time']),
-                          mem_gb=peak_memory_gb(device), skipped=train_set.skipped.value)
+            record = interval_record(window, step, step / steps_per_epoch, optimizer.param_groups[0]['lr'],
+                                     batch_size * world_size, device, train_set.skipped.value)
             log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", compression=f"{record['compression']:.2f}")
-            window.clear()
         if step % ckpt_interval == 0 and step < total_steps:
             checkpoint()
         t0 = time.perf_counter()
@@ -342,9 +282,4 @@ while step < total_steps:
         dist.barrier()  # the other ranks wait while rank 0 evaluates
 bar.close()
 checkpoint()
-if world_size > 1:
-    in_sync, checksums = replica_checksums(net.parameters(), world_size)
-    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
-    teardown_distributed()
-    if not in_sync:
-        raise RuntimeError('the DDP replicas hold different weights')
+finish_distributed(net.parameters(), world_size, step, log)

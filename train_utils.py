@@ -1,6 +1,8 @@
 """
 The plumbing train_clip.py and train_cls.py share: the nanoGPT-style configurator, torchrun/DDP
-setup, atomic checkpoints, the learning-rate schedule, AdamW parameter groups and evaluation.
+setup and teardown, building or resuming the model, atomic checkpoints, the learning-rate schedule,
+AdamW parameter groups, the optimizer step, logging and evaluation. Each script keeps its settings
+and its training loop, and calls these for the mechanics that would otherwise be copied between them.
 """
 import ast
 import contextlib
@@ -18,7 +20,10 @@ from collections import defaultdict
 import open_clip
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
+import data
 import model as dtp_vit
 
 
@@ -35,8 +40,15 @@ def config_keys(namespace):
             if not k.startswith('_') and isinstance(v, (bool, int, float, str, tuple, list, dict, type(None)))]
 
 
+# Settings that were renamed: the old name is refused with the new one (and checkpoints' configs are read with it).
+RENAMED = {'model': 'arch'}  # `model` names a module in the scripts; the OpenCLIP architecture is `arch`
+
+
 def _check(config, key, value, source):
     if key not in config:
+        if RENAMED.get(key) in config:
+            raise SystemExit(f"config error ({source}): {key!r} is now called {RENAMED[key]!r}; "
+                             f"set {RENAMED[key]}={value!r} instead")
         close = difflib.get_close_matches(key, list(config), n=3)
         raise SystemExit(f"config error ({source}): unknown key {key!r}"
                          + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ''))
@@ -96,6 +108,8 @@ def configure(config, argv=None):
 # The settings of DTPConfig that both training scripts take as globals of their own.
 DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
                'scan', 'train_boundaries', 'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention')
+# The settings that make up the architecture (load_openclip's arguments): a resumed run takes them from its checkpoint.
+ARCH_SETTINGS = ('arch', 'vision', 'text', *DTP_GLOBALS)
 
 
 def check_settings(config):
@@ -154,6 +168,36 @@ def load_model(model_args):
         raise SystemExit(f"config error: {e.args[0] if e.args else e}")
 
 
+def new_model_args(config):
+    """load_openclip's arguments for a run that does not resume: the OpenCLIP architecture `arch`, resized
+    by the `vision` and `text` overrides, with the DTP settings (short_layers None: left to load_openclip,
+    the architecture's depth minus pre_layers), and init_from's weights unless it is 'scratch'."""
+    dtp = dict(config['vision'] or {}, **{k: config[k] for k in DTP_GLOBALS
+                                          if k != 'short_layers' or config[k] is not None})
+    init_from = config['init_from']
+    return dict(model_name=config['arch'], pretrained=None if init_from == 'scratch' else init_from,
+                text=config['text'], **dtp)
+
+
+def init_model(config, ckpt_path, resume_keys=()):
+    """(model, model_args, ckpt): the OpenCLIP model a run starts from, the arguments that rebuild its
+    architecture, and the checkpoint it resumes (None unless init_from='resume'), whose weights the caller
+    loads into its own module. A resumed run takes the architecture from the checkpoint, after refusing
+    settings in ARCH_SETTINGS or resume_keys that disagree with it (check_resume). model_args, which the
+    run's checkpoints store, has pretrained=None: from the first checkpoint on, the weights are in it."""
+    ckpt = None
+    if config['init_from'] == 'resume':
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
+        ckpt = read_checkpoint(ckpt_path)
+        check_resume(config, ckpt, [*ARCH_SETTINGS, *resume_keys], ckpt_path)
+        model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
+    else:
+        model_args = new_model_args(config)
+    model = load_model(model_args)
+    return model, dict(model_args, pretrained=None), ckpt
+
+
 # ----------------------------------------------------------------------------------------------
 # torchrun / DDP
 
@@ -189,6 +233,38 @@ def replica_checksums(parameters, world_size):
     return all(torch.equal(g, gathered[0]) for g in gathered), [g.sum().item() for g in gathered]
 
 
+def finish_distributed(parameters, world_size, step, log):
+    """The end of a torchrun run: log whether the replicas still hold the same weights (replica_checksums),
+    leave the process group together (teardown_distributed), and only then fail if they do not, so that
+    the log and the checkpoint are complete either way. Nothing to do in a single process."""
+    if world_size == 1:
+        return
+    in_sync, checksums = replica_checksums(parameters, world_size)
+    log(dict(step=step, ranks_in_sync=in_sync, rank_checksums=checksums))
+    teardown_distributed()
+    if not in_sync:
+        raise RuntimeError('the DDP replicas hold different weights')
+
+
+def wrap_model(module, compile, world_size, device):
+    """What the training step calls: module, compiled if asked (torch.compile), inside DDP under torchrun.
+    Checkpoints, gradient clipping and the finiteness checks keep using module itself."""
+    model = torch.compile(module) if compile else module
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    return model
+
+
+def shapes_data(master, world_size):
+    """The built-in shapes dataset (data.shapes_paths), generated by rank 0 on first use (then reused)
+    while the other ranks wait for it."""
+    if master:
+        data.make_shapes()
+    if world_size > 1:
+        dist.barrier()
+    return data.shapes_paths()
+
+
 def autocast(device, precision):
     """bf16/fp16 autocast on CUDA for precision 'bf16'/'fp16'; fp32 otherwise (and on CPU)."""
     if device.type == 'cuda' and precision in ('bf16', 'fp16'):
@@ -205,6 +281,12 @@ def sync(device):
 def peak_memory_gb(device):
     """Peak memory allocated by tensors since the last reset (CUDA only; None on CPU)."""
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
+
+
+def reset_peak_memory(device):
+    """Start peak_memory_gb's count afresh (each epoch reports its own peak); nothing to do on CPU."""
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +312,41 @@ def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
+def set_lr(optimizer, lr):
+    """Set the learning rate of every group to lr times the group's lr_scale (1 if it has none): in
+    train_cls.py a finetune trains the pretrained backbone at a fraction of the new parts' lr."""
+    for group in optimizer.param_groups:
+        group['lr'] = group.get('lr_scale', 1.0) * lr
+
+
+def grad_scaler(precision, device):
+    """The GradScaler of a run: loss scaling is needed for fp16 on CUDA only (bf16 has fp32's range, and
+    CPU runs fp32); disabled, its calls pass the loss and the step through unchanged."""
+    return torch.amp.GradScaler(enabled=precision == 'fp16' and device.type == 'cuda')
+
+
+def optimizer_step(loss, optimizer, scaler, parameters, grad_clip):
+    """Backpropagate loss and take one optimizer step through the GradScaler. With grad_clip > 0 the
+    gradients are unscaled first, so that their norm is clipped to grad_clip in true units; the scaler
+    skips a step whose gradients hold an infinity (fp16 overflow) and lowers its scale."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def restore_optimizer(ckpt, optimizer, scaler, log_file, master):
+    """Resume: the optimizer's and the GradScaler's state from the checkpoint, and, on rank 0, the log
+    without the lines of steps after the checkpoint (trim_log), which the resumed run logs again."""
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt['scaler'])
+    if master:
+        trim_log(log_file, ckpt['step'])
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint.
     The temporary name is unique (two runs in one out_dir do not write into each other's file), and a
@@ -250,6 +367,25 @@ def save_checkpoint(obj, path):
         raise
 
 
+def save_run(path, module, optimizer, scaler, step, loss, device, world_size, master, **extra):
+    """A training script's checkpoint: first the loss since the last log line and the weights are
+    checked on every rank (stop_if_not_finite), so that NaN weights never replace a good checkpoint;
+    then rank 0 saves module's state dict (as 'model', plain keys), the optimizer, the scaler, the step
+    and extra (the config, model_args and what the script needs to resume)."""
+    stop_if_not_finite([loss, *module.parameters()], step, path, device, world_size)
+    if master:
+        save_checkpoint(dict(model=unwrap(module).state_dict(), optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), step=step, **extra), path)
+
+
+def prepare_out_dir(out_dir, init_from, eval_only):
+    """Create out_dir, unless a new run would replace the checkpoint in it (refuse_overwrite), and return
+    the paths of its log (log.jsonl) and its checkpoint (ckpt.pt)."""
+    refuse_overwrite(out_dir, init_from, eval_only)
+    os.makedirs(out_dir, exist_ok=True)
+    return os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'ckpt.pt')
+
+
 def refuse_overwrite(out_dir, init_from, eval_only):
     """A new run into an out_dir that holds a checkpoint would replace it at its first save: refuse."""
     path = os.path.join(out_dir, 'ckpt.pt')
@@ -260,8 +396,10 @@ def refuse_overwrite(out_dir, init_from, eval_only):
 
 def check_resume(config, ckpt, keys, path):
     """Resuming takes the architecture (and the data position) from the checkpoint: a setting in keys
-    that disagrees with the checkpoint's would be ignored, or skip the wrong samples, so refuse it."""
+    that disagrees with the checkpoint's would be ignored, or skip the wrong samples, so refuse it.
+    A checkpoint saved before a setting was renamed (RENAMED) is compared under the new name."""
     saved = ckpt.get('config', {})
+    saved = {RENAMED.get(k, k) if RENAMED.get(k) not in saved else k: v for k, v in saved.items()}
     conflicts = [f'{k}={config[k]!r} (checkpoint: {saved[k]!r})' for k in keys if k in saved and saved[k] != config[k]]
     if conflicts:
         raise SystemExit(f"init_from='resume': {', '.join(conflicts)} differ from {path}; resume with the "
@@ -347,6 +485,37 @@ def unwrap(model):
 def log_jsonl(path, record):
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+
+
+def make_logger(log_file, master):
+    """log(record): on rank 0, one line on the console (above tqdm's bar) and one JSON line in log_file;
+    nothing on the other ranks, so that every rank can call it wherever the run logs."""
+    def log(record):
+        if master:
+            tqdm.write(' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in record.items()))
+            log_jsonl(log_file, record)
+    return log
+
+
+def accumulate(stats, *sums):
+    """Add a step's stats to each dict of running sums (e.g. the log interval's and the epoch's).
+    Tensors are detached and stay on the device: no host sync per step; one per log line."""
+    for k, v in stats.items():
+        v = v.detach() if torch.is_tensor(v) else v
+        for total in sums:
+            total[k] = total[k] + v
+
+
+def interval_record(window, step, epoch, lr, samples_per_step, device, skipped, **extra):
+    """The log line of a log interval from window, its sums (and 'n', its number of steps), which it
+    empties for the next interval: the mean of each sum, lr and extra (e.g. logit_scale), the throughput
+    (samples_per_step: over all ranks), peak memory and the count of skipped samples."""
+    n = window.pop('n')
+    record = dict(step=step, epoch=epoch, **{k: float(v) / n for k, v in window.items()}, lr=lr, **extra,
+                  samples_per_s=n * samples_per_step / (window['step_time'] + window['data_time']),
+                  mem_gb=peak_memory_gb(device), skipped=skipped)
+    window.clear()
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,3 +626,13 @@ def save_segments_png(path, images, segment_ids, grid_size, mean, std, nrow=8):
                     draw.line([(c * pw, (r + 1) * ph), ((c + 1) * pw, (r + 1) * ph)], fill='white')
         sheet.paste(tile, ((i % ncol) * (W + 2), (i // ncol) * (H + 2)))
     sheet.save(path)
+
+
+def save_val_segments(path, visual, loader, device, precision):
+    """save_segments_png of the segments the image tower `visual` predicts on the first 16 images of
+    loader: where the boundaries fall, which the compression figures alone do not show."""
+    images = next(iter(loader))[0][:16].to(device)
+    with torch.no_grad(), autocast(device, precision):
+        segment_ids = visual(images)[1]['segment_ids']
+    save_segments_png(path, images, segment_ids, visual.grid_size, open_clip.OPENAI_DATASET_MEAN,
+                      open_clip.OPENAI_DATASET_STD)

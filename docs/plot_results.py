@@ -3,6 +3,7 @@ The accuracy-against-cost picture of the demo: zero-shot top-1 on the shapes val
 image tower's MMACs per image, for the plain ViT, fixed pooling, learned DTP and ToMe, trained at
 each cost, and pooled training-free from the one plain-ViT checkpoint.
 
+    python docs/plot_results.py --commands          # the train_clip.py commands of every point
     python docs/plot_results.py --runs out          # reads out/<run>/log.jsonl, writes docs/accuracy_vs_mmacs.png
 
 Each point is the mean over the seeds found (runs named <name>-s<seed>, see RUNS below), with a bar
@@ -19,7 +20,7 @@ import os
 import statistics
 import sys
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 import flops  # noqa: E402
@@ -38,20 +39,31 @@ def mmacs(kind, ratio=None, cost=None):
     return flops.gmacs(dataclasses.replace(DEMO, boundary=kind, compression=ratio)) * 1e3
 
 
-# series -> points: (MMACs, run-name prefix; runs are <prefix>-s0, -s1, ...). Training-free points are
-# evaluations of the plain run vit-s0 (eval_only, see README), one each.
+# series -> points: (MMACs, run name, the train_clip.py arguments that make it). Trained points are
+# runs <name>-s0, -s1, ... (the arguments + --seed=S --out_dir=out/<name>-sS); training-free points
+# evaluate the plain run vit-s0 once (--out_dir=out/<name>). `--commands` prints them all.
+TF = '--init_from=out/vit-s0/ckpt.pt --eval_only=True config/shapes_vit.py'
+TOME_COSTS = {2: 0.676, 4: 0.518, 10: 0.431}  # DTP's fixed-pooling cost at 2x, 4x, 10x on the demo tower
 RUNS = {
-    'plain ViT': [(mmacs('none'), 'vit')],
-    'fixed pooling': [(mmacs('fixed', 2), 'fixed2x-raster'), (mmacs('fixed', 4), 'fixed-raster'),
-                      (mmacs('fixed', 10), 'fixed10x-raster')],
-    'learned DTP (Gumbel)': [(mmacs('gumbel', 2), 'dtp2x-raster'), (mmacs('gumbel', 4), 'dtp-raster'),
-                             (mmacs('gumbel', 10), 'dtp10x-raster')],
-    'ToMe': [(mmacs('tome', cost=0.676), 'tome2x'), (mmacs('tome', cost=0.518), 'tome4x')],
-    'fixed, training-free': [(mmacs('fixed', 2), 'tf-fixed2x'), (mmacs('fixed', 4), 'tf-fixed4x')],
-    'cosine router, training-free': [(mmacs('cosine', 2), 'tf-cosine2x'), (mmacs('cosine', 4), 'tf-cosine4x')],
-    'ToMe, training-free': [(mmacs('tome', cost=0.676), 'tf-tome2x'), (mmacs('tome', cost=0.518), 'tf-tome4x')],
+    'plain ViT': [(mmacs('none'), 'vit', 'config/shapes_vit.py')],
+    'fixed pooling': [(mmacs('fixed', r), f'fixed{r}x-raster' if r != 4 else 'fixed-raster',
+                       f'config/shapes_fixed4x.py --compression={r}') for r in (2, 4, 10)],
+    'learned DTP (Gumbel)': [(mmacs('gumbel', r), f'dtp{r}x-raster' if r != 4 else 'dtp-raster',
+                              f'config/shapes_dtp4x.py --compression={r}') for r in (2, 4, 10)],
+    'cosine router': [(mmacs('cosine', r), f'cosinesize{r}x-raster' if r != 4 else 'cosinesize-raster',
+                       f'config/shapes_cosine4x.py --compression={r}') for r in (2, 4, 10)],
+    'ToMe': [(mmacs('tome', cost=c), f'tome{r}x', f'config/shapes_tome4x.py --tome_cost={c}')
+             for r, c in TOME_COSTS.items()],
+    'fixed, training-free': [(mmacs('fixed', r), f'tf-fixed{r}x', f'{TF} --boundary=fixed --compression={r}')
+                             for r in (2, 4, 10)],
+    'cosine router, training-free': [(mmacs('cosine', r), f'tf-cosine{r}x-size',
+                                      f'{TF} --boundary=cosine --size_attention=True --compression={r}')
+                                     for r in (2, 4, 10)],
+    'ToMe, training-free': [(mmacs('tome', cost=c), f'tf-tome{r}x', f'{TF} --tome_cost={c}')
+                            for r, c in TOME_COSTS.items()],
 }
 COLOURS = {'plain ViT': '#000000', 'fixed pooling': '#1f77b4', 'learned DTP (Gumbel)': '#d62728', 'ToMe': '#2ca02c',
+           'cosine router': '#9467bd',
            'fixed, training-free': '#1f77b4', 'cosine router, training-free': '#9467bd', 'ToMe, training-free': '#2ca02c'}
 
 
@@ -65,7 +77,7 @@ def collect(runs_dir):
     """{series: [(mmacs, mean, lo, hi, n)]} for the points whose runs exist."""
     out = {}
     for series, points in RUNS.items():
-        for x, prefix in points:
+        for x, prefix, _ in points:
             dirs = sorted(glob.glob(os.path.join(runs_dir, f'{prefix}-s[0-9]*'))) or \
                 sorted(glob.glob(os.path.join(runs_dir, prefix)))
             accs = [a for a in map(final_top1, dirs) if a is not None]
@@ -74,15 +86,16 @@ def collect(runs_dir):
     return out
 
 
-def draw(results, path, size=(960, 600)):
+def draw(results, path, size=(1000, 600)):
     W, H = size
-    left, right, top, bottom = 70, 300, 40, 60
+    left, right, top, bottom = 70, 330, 40, 60
     xs = [p[0] for pts in results.values() for p in pts]
     ys = [v for pts in results.values() for p in pts for v in p[1:4]]
     x0, x1 = 5 * int(min(xs) // 5), 5 * int(max(xs) // 5 + 1)
     y0, y1 = 10 * int(min(ys) // 10), min(100, 10 * int(max(ys) // 10 + 1))
     img = Image.new('RGB', size, 'white')
     d = ImageDraw.Draw(img)
+    d.font = ImageFont.load_default(size=13)
 
     def px(x, y):
         return (left + (x - x0) / (x1 - x0) * (W - left - right), H - bottom - (y - y0) / (y1 - y0) * (H - top - bottom))
@@ -124,8 +137,17 @@ def draw(results, path, size=(960, 600)):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--runs', default='out', help='folder of the run directories')
+    p.add_argument('--commands', action='store_true', help='print the command of every run and exit')
     p.add_argument('--png', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'accuracy_vs_mmacs.png'))
     args = p.parse_args()
+    if args.commands:
+        for series, points in RUNS.items():
+            for _, name, cmd in points:
+                if series.endswith('training-free'):
+                    print(f'python train_clip.py {cmd} --out_dir={args.runs}/{name}')
+                else:
+                    print(f'for S in 0 1 2; do python train_clip.py {cmd} --seed=$S --out_dir={args.runs}/{name}-s$S; done')
+        return
     results = collect(args.runs)
     if not results:
         raise SystemExit(f'no finished runs under {args.runs} (names in RUNS, e.g. {args.runs}/fixed-raster-s0)')

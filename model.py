@@ -168,13 +168,14 @@ class Attention(nn.Module):
         """x: (B, L, D), or (T, D) real tokens when packed. attn_bias: None, or (B, 1, 1, L) added to
         the attention logits of each key (-inf at the padding)."""
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        mask = attn_bias
+        mask = attn_bias  # the size bias already holds -inf at the padding; else the padding mask
         if packing is not None:
             qkv = packing.unpack(qkv)
-            mask = packing.attn_mask if attn_bias is None else attn_bias
+            if mask is None:
+                mask = packing.attn_mask
         B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if mask is not None and mask.dtype != torch.bool:
+        if mask is not None and mask.dtype != torch.bool:  # a float bias must match q's dtype (autocast)
             mask = mask.to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, D)
         if packing is not None:

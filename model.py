@@ -47,7 +47,8 @@ class DTPConfig:
     emb_dropout: float = 0.0       # dropout on the patch + position embeddings
     # dynamic token pooling
     boundary: str = 'gumbel'       # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' (no weights: cut
-                                   # where neighbouring patches differ most) or 'none' (plain ViT)
+                                   # where neighbouring patches' features differ most), 'color' (cut where
+                                   # their mean colour does) or 'none' (plain ViT)
     compression: float = 4.0       # target patches per segment; the boundary prior is 1 / compression
     temperature: float = 0.5       # Gumbel-Sigmoid temperature (it only scales the gradient, see below)
     train_boundaries: str = 'bernoulli'  # training samples: 'bernoulli' (the paper: each patch on its own)
@@ -65,9 +66,12 @@ class DTPConfig:
     scan: str = 'raster'           # order of the patches that segments are runs of: 'raster' or 'hilbert'
     predictor_hidden: Optional[int] = None  # hidden size of the boundary predictor (None: width)
     pool: str = 'cls'              # image embedding: the 'cls' token or the 'mean' of the segments
+    extent_embedding: bool = False # True: add a learned embedding of each segment's first and of its last
+                                   # patch to its pooled token (where it lies and how long it is, which the
+                                   # mean of its patches blurs); zero at initialisation
 
     def __post_init__(self):
-        choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'none'), eval_boundaries=('topk', 'threshold'),
+        choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'color', 'none'), eval_boundaries=('topk', 'threshold'),
                        pool=('cls', 'mean'), scan=('raster', 'hilbert'), train_boundaries=('bernoulli', 'topk'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -82,6 +86,9 @@ class DTPConfig:
             raise ValueError(f"DTPConfig.boundary_noise={self.boundary_noise}: must be >= 0 (0: no noise)")
         if not self.position_prior >= 0:
             raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
+        if self.extent_embedding and self.boundary == 'none':
+            raise ValueError("DTPConfig.extent_embedding=True needs pooling: the plain ViT (boundary='none') "
+                             "has no segments")
         if self.width % self.heads:
             raise ValueError(f"DTPConfig: width {self.width} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
@@ -350,6 +357,11 @@ class DTPViT(nn.Module):
                 # its logits in predict_boundaries.
                 fixed = fixed_boundaries(1, N, cfg.n_segments)[0]
                 self.predictor.register_parameter('position_bias', nn.Parameter(cfg.position_prior * (2 * fixed - 1)))
+        if cfg.extent_embedding:
+            # Row i: added to the pooled token of a segment that starts (ends) at patch i of the scan.
+            # Zero at first, so a model loaded from OpenCLIP weights computes what it did without them.
+            self.extent_embedding = nn.ParameterDict(dict(start=nn.Parameter(torch.zeros(cfg.n_patches, width)),
+                                                          end=nn.Parameter(torch.zeros(cfg.n_patches, width))))
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
         # Patches are segmented in this order (computed once; not part of the state dict).
@@ -357,13 +369,23 @@ class DTPViT(nn.Module):
         self.register_buffer('scan_order', order, persistent=False)
         self.register_buffer('raster_order', order.argsort(), persistent=False)  # its inverse
 
-    def predict_boundaries(self, patches):
-        """(B, N) 0/1 boundaries for the patch tokens after the pre-layers, by the configured rule,
-        and the predictor's (B, N) logits (None for 'fixed' and 'cosine')."""
+    def predict_boundaries(self, patches, images=None):
+        """(B, N) 0/1 boundaries for the patch tokens after the pre-layers (in scan order), by the
+        configured rule, and the predictor's (B, N) logits (None for the rules without a predictor)."""
         cfg = self.cfg
         B, N, _ = patches.shape
         if cfg.boundary == 'fixed':
             return fixed_boundaries(B, N, cfg.n_segments, patches.device), None
+        if cfg.boundary == 'color':
+            # Cuts from the pixels, not the features: close a segment after patch t where the mean
+            # colour of patch t + 1 differs most from its own (Euclidean, in the normalised input).
+            # The segments of an image then stay the same through the whole run, while the features a
+            # 'cosine' cut reads change as the tower learns.
+            rgb = F.avg_pool2d(images.float(), cfg.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
+            if cfg.scan != 'raster':
+                rgb = rgb.index_select(1, self.scan_order)
+            change = (rgb[:, :-1] - rgb[:, 1:]).norm(dim=-1)     # (B, N - 1)
+            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None
         if cfg.boundary == 'cosine':
             # A router without weights (H-Net's cosine router with identity projections): close a
             # segment after patch t where patch t + 1 looks least like it (cosine of their features),
@@ -407,7 +429,7 @@ class DTPViT(nn.Module):
         x = self.embed(images)                                   # (B, 1 + N, D)
         for block in self.transformer.resblocks[:cfg.pre_layers]:
             x = block(x)
-        x, packing, aux = self.segment(x, boundaries)            # (B, 1 + S, D), or (T, D) packed
+        x, packing, aux = self.segment(x, images, boundaries)    # (B, 1 + S, D), or (T, D) packed
         bias = self.size_bias(aux['segment_sizes'], packing) if cfg.size_attention else None
         for block in self.transformer.resblocks[cfg.pre_layers:]:
             x = block(x, packing, bias)
@@ -420,7 +442,7 @@ class DTPViT(nn.Module):
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(self.emb_dropout(x))
 
-    def segment(self, x, boundaries=None):
+    def segment(self, x, images, boundaries=None):
         """[CLS] + N patch tokens -> [CLS] + one token per segment, packed when the images' segment
         counts differ, and the aux dict of forward()."""
         cfg = self.cfg
@@ -432,12 +454,14 @@ class DTPViT(nn.Module):
             patches = x[:, 1:]
             if cfg.scan != 'raster':  # segments are runs of consecutive patches in scan order
                 patches = patches.index_select(1, self.scan_order)
-            b, logits = self.predict_boundaries(patches)
+            b, logits = self.predict_boundaries(patches, images)
             if boundaries is not None:
                 b = boundaries.to(device=x.device, dtype=torch.float32)
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
             segments, real, sizes = pool_segments(patches, b)
+            if cfg.extent_embedding:
+                segments = segments + self.extent(b.detach(), segments.shape[1]).to(segments.dtype)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
             packing = None
             if real is not None:  # segment counts differ: pack the real tokens ([CLS] is always real)
@@ -456,6 +480,15 @@ class DTPViT(nn.Module):
         if logits is not None:
             aux['boundary_logits'] = logits
         return x, packing, aux
+
+    def extent(self, b, n_segments):
+        """(B, n_segments, D): each segment's start embedding (of its first patch) plus its end embedding
+        (of its last patch, where b = 1); zero at the padding. Gathers and adds only: no FLOPs to count."""
+        start = F.pad(b[:, :-1], (1, 0), value=1.0)  # a patch starts a segment if the one before closed one
+        e = self.extent_embedding
+        per_patch = start.unsqueeze(-1) * e['start'].float() + b.unsqueeze(-1) * e['end'].float()  # (B, N, D)
+        seg = segment_ids(b).long().unsqueeze(-1).expand_as(per_patch)
+        return per_patch.new_zeros(b.shape[0], n_segments, per_patch.shape[-1]).scatter_add_(1, seg, per_patch)
 
     def size_bias(self, sizes, packing):
         """Size-aware attention for the pooled tokens (as ToMe's proportional attention): a key that
@@ -667,16 +700,22 @@ def load_checkpoint(model: CLIP, path):
     _load_weights(model, _state_dict(read_checkpoint(path), path)[0], path)
 
 
+# DTP's modules that OpenCLIP's ViT lacks: they keep their initialisation when loading OpenCLIP weights.
+_DTP_MODULES = ('predictor', 'extent_embedding')
+
+
 def _load_weights(model, state_dict, path, hint=''):
     """Every weight must find its place: a key of the checkpoint that the model lacks, a weight of the
-    model (other than the boundary predictor, which OpenCLIP does not have) that the checkpoint lacks,
-    or a shape that differs, is an error naming them."""
+    model (other than DTP's own, the boundary predictor and the extent embeddings, which OpenCLIP does
+    not have) that the checkpoint lacks, or a shape that differs, is an error naming them."""
     state_dict = convert_to_custom_text_state_dict(state_dict)  # CLIP's flat text keys -> text.*
     resize_pos_embed(state_dict, model)  # only acts when the image size differs from the checkpoint's
-    if not hasattr(model.visual, 'predictor'):  # a DTP checkpoint run as a plain ViT or with fixed pooling
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('visual.predictor.')}
+    for name in _DTP_MODULES:  # a DTP checkpoint run without them (e.g. as a plain ViT or with fixed pooling)
+        if not hasattr(model.visual, name):
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f'visual.{name}.')}
     ours = model.state_dict()
-    missing = [k for k in ours if k not in state_dict and not k.startswith('visual.predictor.')]
+    own = tuple(f'visual.{name}.' for name in _DTP_MODULES)
+    missing = [k for k in ours if k not in state_dict and not k.startswith(own)]
     unexpected = [k for k in state_dict if k not in ours]
     shapes = [f'{k} {list(v.shape)} vs {list(ours[k].shape)}' for k, v in state_dict.items()
               if k in ours and v.shape != ours[k].shape]

@@ -214,12 +214,13 @@ def test_scan_order_leaves_the_flops_unchanged():
     assert counts[0] == counts[1] == pytest.approx(1e9 * flops.gmacs(base, 13), rel=0.005)
 
 
-
-@pytest.mark.parametrize('boundary', ['cosine', 'fixed'])
-def test_weightless_routers_are_counted_by_the_closed_form(boundary):
-    """The cosine router and fixed pooling add no counted work beyond the pooling: fvcore's count of
-    what runs equals the closed form at round(49 / 4) = 12 segments, on ViT-B-32 shapes."""
-    cfg = dataclasses.replace(flops.base_config('ViT-B-32'), boundary=boundary, compression=4.0)
+@pytest.mark.parametrize('boundary, extent', [('cosine', False), ('fixed', False), ('color', False), ('fixed', True)])
+def test_weightless_routers_are_counted_by_the_closed_form(boundary, extent):
+    """The cosine and colour routers, fixed pooling and the extent embeddings (a gather and an add) add
+    no counted work beyond the pooling: fvcore's count of what runs equals the closed form at
+    round(49 / 4) = 12 segments, on ViT-B-32 shapes."""
+    cfg = dataclasses.replace(flops.base_config('ViT-B-32'), boundary=boundary, compression=4.0,
+                              extent_embedding=extent)
     count = flops.fvcore_count(DTPViT(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
     assert count == pytest.approx(1e9 * flops.gmacs(cfg), rel=1e-6) and cfg.n_segments == 12
 

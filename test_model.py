@@ -56,7 +56,10 @@ def test_plain_vit_reproduces_openclip(openclip_b32, fmt):
 
 def test_gumbel_with_every_patch_a_boundary_reproduces_openclip(openclip_b32):
     d, images, texts, (ref_image, _) = openclip_b32
-    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='gumbel', compression=4).eval()
+    # the extent embeddings are DTP's own weights, as the predictor: zero until trained, so no change
+    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='gumbel', compression=4,
+                          extent_embedding=True).eval()
+    assert not model.visual.extent_embedding['start'].any()
     with torch.no_grad():
         forced, aux = model.visual(images, boundaries=torch.ones(3, 49))
         # compression 1 asks for one segment per patch from the predictor's own top-k
@@ -376,11 +379,13 @@ def test_topk_eval_gives_round_n_over_r_segments():
     assert abs(aux['compression'] - 64 / 21) < 1e-5
 
 
-@pytest.mark.parametrize('boundary, size_attention', [('gumbel', False), ('gumbel', True), ('cosine', True)])
+@pytest.mark.parametrize('boundary, size_attention', [('gumbel', False), ('gumbel', True), ('cosine', True),
+                                                      ('color', False)])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_mixed_precision_forward_backward_is_finite(dtype, boundary, size_attention):
     torch.manual_seed(0)
-    vit = DTPViT(tiny(compression=4, boundary=boundary, size_attention=size_attention)).train()
+    vit = DTPViT(tiny(compression=4, boundary=boundary, size_attention=size_attention,
+                      extent_embedding=True)).train()
     if boundary == 'gumbel':
         with torch.no_grad():  # a confident predictor: probabilities near 0 and 1, where fp16 broke
             vit.predictor[-1].weight.mul_(50)
@@ -433,6 +438,8 @@ def test_config_errors_are_clear():
         DTPConfig(boundary='dynamic')
     with pytest.raises(ValueError, match='compression'):
         DTPConfig(compression=0.5)
+    with pytest.raises(ValueError, match="extent_embedding.*boundary='none'"):
+        DTPConfig(boundary='none', extent_embedding=True)
 
 
 # 7. scan order ---------------------------------------------------------------------------------
@@ -694,3 +701,50 @@ def test_cosine_router_cuts_where_the_tokens_change_without_training():
         f, aux = vit(images)
         assert aux['n_segments'].tolist() == [4] * 4
         assert torch.allclose(f, torch.cat([vit(images[i:i + 1])[0] for i in range(4)]), atol=1e-5)
+
+
+def test_color_router_cuts_where_the_colour_changes_without_training():
+    """boundary='color' has no weights and reads the pixels: four bands of two patch rows in four
+    colours (plus noise) are cut at the band edges, after patches 15, 31, 47 and 63 of the raster scan,
+    in training as in evaluation, whatever the tower's weights; features stay batch-invariant."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(boundary='color', compression=16))  # 64 patches of 4x4 px -> 4 segments
+    assert not any('predictor' in k for k in vit.state_dict())
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [0.2, 0.2, 0.2]])
+    bands = colours.repeat_interleave(8, dim=0)  # (32 pixel rows, 3)
+    images = bands.T[None, :, :, None].expand(3, 3, 32, 32) + 0.1 * torch.randn(3, 3, 32, 32)
+    for train in (True, False):
+        _, aux = vit.train(train)(images)
+        assert [row.nonzero().flatten().tolist() for row in aux['boundaries']] == [[15, 31, 47, 63]] * 3
+        assert aux['segment_ids'].view(3, 8, 8)[:, :, 0].tolist() == [[0, 0, 1, 1, 2, 2, 3, 3]] * 3
+    _, other = DTPViT(tiny(boundary='color', compression=16)).eval()(images)  # other weights, same cuts
+    assert torch.equal(other['boundaries'], aux['boundaries'])
+    mixed = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f, _ = vit.eval()(mixed)
+        assert torch.allclose(f, torch.cat([vit(mixed[i:i + 1])[0] for i in range(4)]), atol=1e-5)
+
+
+def test_extent_embedding_marks_each_segments_first_and_last_patch():
+    """With extent_embedding each pooled token gets start[first patch] + end[last patch] added: zero at
+    initialisation (the same features as without it), then learned from the task loss alone, at the
+    rows of the patches that start and end segments and nowhere else."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(boundary='fixed', compression=16, extent_embedding=True))  # segments 0-15, ..., 48-63
+    plain = DTPViT(tiny(boundary='fixed', compression=16))
+    plain.load_state_dict({k: v for k, v in vit.state_dict().items() if 'extent' not in k})
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(vit(images)[0], plain(images)[0])
+    vit(images)[0].square().sum().backward()
+    for name, rows in (('start', [0, 16, 32, 48]), ('end', [15, 31, 47, 63])):
+        grad = vit.extent_embedding[name].grad
+        assert grad.abs().sum(dim=1).nonzero().flatten().tolist() == rows, name
+    with torch.no_grad():  # embeddings that spell out their own row: the token names its extent
+        vit.extent_embedding['start'][:, 0] = torch.arange(64.0)
+        vit.extent_embedding['end'][:, 1] = 100 + torch.arange(64.0)
+    b = torch.zeros(2, 64)
+    b[0, [2, 9, 63]] = 1      # segments 0-2, 3-9, 10-63
+    b[1, [0, 40, 62, 63]] = 1  # segments 0-0, 1-40, 41-62, 63-63
+    extent = vit.extent(b, 4)[..., :2]
+    assert extent[0].tolist() == [[0, 102], [3, 109], [10, 163], [0, 0]]  # the padding segment stays zero
+    assert extent[1].tolist() == [[0, 100], [1, 140], [41, 162], [63, 163]]

@@ -50,7 +50,8 @@ vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  #
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
-boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' (no weights) or 'none'
+boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' or 'color' (no weights),
+                            # or 'none'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
@@ -58,6 +59,7 @@ position_prior = 0.0        # > 0: learned per-position boundary bias, starting 
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
+extent_embedding = False    # True: pooled tokens get learned embeddings of their first and last patch
 eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
 pool = 'cls'                # 'cls' or 'mean'
 scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)

@@ -1,6 +1,6 @@
 """
 The accuracy-against-cost picture of the demo: zero-shot top-1 on the shapes val set against the
-image tower's MMACs per image, for the plain ViT, fixed pooling, learned DTP and ToMe, trained at
+image tower's MMACs per image, for the plain ViT, fixed pooling, learned DTP, the routers and ToMe, trained at
 each cost, and pooled training-free from the one plain-ViT checkpoint.
 
     python docs/plot_results.py --commands          # the train_clip.py commands of every point
@@ -31,7 +31,7 @@ DEMO = DTPConfig(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128,
 
 
 def mmacs(kind, ratio=None, cost=None):
-    """MMACs per image of the demo tower: 'none', 'fixed', 'cosine' or 'gumbel' at a ratio, or 'tome' at a cost."""
+    """MMACs per image of the demo tower: 'none', 'fixed', 'cosine', 'color' or 'gumbel' at a ratio, or 'tome' at a cost."""
     if kind == 'tome':
         return flops.tome_gmacs(DEMO, flops.tome_r_for_cost(DEMO, cost, per_block=True)) * 1e3
     if kind == 'none':
@@ -52,6 +52,8 @@ RUNS = {
                               f'config/shapes_dtp4x.py --compression={r}') for r in (2, 4, 10)],
     'cosine router': [(mmacs('cosine', r), f'cosinesize{r}x-raster' if r != 4 else 'cosinesize-raster',
                        f'config/shapes_cosine4x.py --compression={r}') for r in (2, 4, 10)],
+    'colour router': [(mmacs('color', r), f'color{r}x-raster' if r != 4 else 'color-raster',
+                       f'config/shapes_color4x.py --compression={r}') for r in (4, 10)],
     'ToMe': [(mmacs('tome', cost=c), f'tome{r}x', f'config/shapes_tome4x.py --tome_cost={c}')
              for r, c in TOME_COSTS.items()],
     'fixed, training-free': [(mmacs('fixed', r), f'tf-fixed{r}x', f'{TF} --boundary=fixed --compression={r}')
@@ -63,10 +65,10 @@ RUNS = {
                             for r, c in TOME_COSTS.items()],
 }
 # Seeds behind each trained point in the README's tables (others: seed 0 only).
-SEEDS = {'fixed-raster': 3, 'dtp-raster': 3, 'cosinesize-raster': 3, 'tome4x': 3, 'fixed10x-raster': 5,
-         'cosinesize10x-raster': 5}
+SEEDS = {'vit': 3, 'fixed-raster': 3, 'dtp-raster': 3, 'cosinesize-raster': 3, 'tome4x': 3, 'fixed10x-raster': 5,
+         'cosinesize10x-raster': 5, 'color-raster': 3, 'color10x-raster': 5}
 COLOURS = {'plain ViT': '#000000', 'fixed pooling': '#1f77b4', 'learned DTP (Gumbel)': '#d62728', 'ToMe': '#2ca02c',
-           'cosine router': '#9467bd',
+           'cosine router': '#9467bd', 'colour router': '#ff7f0e',
            'fixed, training-free': '#1f77b4', 'cosine router, training-free': '#9467bd', 'ToMe, training-free': '#2ca02c'}
 
 

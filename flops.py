@@ -128,6 +128,11 @@ def closed_form(cfg: DTPConfig, n_segments=None):
     }
 
 
+def plain_config(cfg):
+    """The plain ViT of a DTP config: the same geometry, no pooling (and so none of DTP's own modules)."""
+    return dataclasses.replace(cfg, boundary='none', extent_embedding=False)
+
+
 def gmacs(cfg, n_segments=None):
     return sum(closed_form(cfg, n_segments).values()) / 1e9
 
@@ -177,7 +182,7 @@ def tome_r_for_cost(cfg, rel_cost, per_block=False):
     r (the paper's setting; on short sequences one step of r moves the cost by several percent).
     per_block=True: a finer match, r + 1 in the first k blocks and r in the rest (a list, or an int when
     k is 0)."""
-    plain, depth = gmacs(dataclasses.replace(cfg, boundary='none')), cfg.pre_layers + cfg.short_layers
+    plain, depth = gmacs(plain_config(cfg)), cfg.pre_layers + cfg.short_layers
 
     def miss(r):
         return abs(tome_gmacs(cfg, r) / plain - rel_cost)
@@ -362,8 +367,9 @@ def checkpoint_rows(args, device):
                 sums.update(boundary_confidence(aux['boundary_logits'], aux['boundaries']))
             for k, v in sums.items():
                 quality[k] += v
-    plain = dataclasses.replace(cfg, boundary='none')
-    params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith('predictor.'))
+    plain = plain_config(cfg)
+    dtp_own = ('predictor.', 'extent_embedding.')  # the plain ViT's parameters are the rest
+    params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith(dtp_own))
     common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(paths),
                   batch_size=args.batch_size, eval_boundaries=cfg.eval_boundaries)
     rows = [dict(common, pooling='none', measure='closed form', ratio=1.0, tokens=N + 1, gmacs=gmacs(plain),

@@ -177,6 +177,26 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     assert total == pytest.approx(1e9 * sum(flops.padded_gmacs(cfg, s, max(counts)) for s in counts), rel=0.005)
 
 
+def test_checkpoint_with_extent_embeddings_compares_to_the_plain_vit(tmp_path):
+    """A colour-router checkpoint with extent embeddings: its plain-ViT row is the same ViT without DTP's
+    own weights (no extent embeddings: the parameter count drops by theirs), and the extent embeddings
+    add no MACs to the pooled rows."""
+    model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
+                      **{**TINY, 'boundary': 'color', 'extent_embedding': True})
+    clip = load_openclip(**model_args)
+    torch.save(dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-B-32'), step=1),
+               tmp_path / 'ckpt.pt')
+    write_images(tmp_path / 'val', 4)
+    plain, ideal, padded = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val'),
+                                       '--json'])
+    cfg = clip.visual.cfg
+    extent = sum(p.numel() for p in clip.visual.extent_embedding.parameters())
+    assert extent == 2 * cfg.n_patches * cfg.width
+    assert plain['params'] == ideal['params'] - extent
+    assert plain['gmacs'] == pytest.approx(flops.gmacs(dataclasses.replace(cfg, boundary='none', extent_embedding=False)))
+    assert ideal['gmacs'] == pytest.approx(flops.gmacs(cfg)) == pytest.approx(padded['gmacs'])
+
+
 def test_openclip_format_checkpoint(tmp_path):
     clip = load_openclip('ViT-S-32', image_size=64)
     torch.save(clip.state_dict(), tmp_path / 'openclip.pt')

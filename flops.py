@@ -45,7 +45,7 @@ from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, 
 
 import data
 import tome
-from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip, read_checkpoint
+from model import DTP_MODULES, DTPConfig, DTPViT, fixed_boundaries, load_openclip, read_checkpoint
 from train_utils import boundary_confidence, segment_quality
 
 # -----------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def checkpoint_rows(args, device):
             for k, v in sums.items():
                 quality[k] += v
     plain = plain_config(cfg)
-    dtp_own = ('predictor.', 'extent_embedding.')  # the plain ViT's parameters are the rest
+    dtp_own = tuple(f'{name}.' for name in DTP_MODULES)  # the plain ViT's parameters are the rest
     params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith(dtp_own))
     common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(paths),
                   batch_size=args.batch_size, eval_boundaries=cfg.eval_boundaries)

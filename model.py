@@ -71,8 +71,9 @@ class DTPConfig:
                                    # mean of its patches blurs); zero at initialisation
 
     def __post_init__(self):
-        choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'color', 'none'), eval_boundaries=('topk', 'threshold'),
-                       pool=('cls', 'mean'), scan=('raster', 'hilbert'), train_boundaries=('bernoulli', 'topk'))
+        choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'color', 'none'),
+                       eval_boundaries=('topk', 'threshold'), pool=('cls', 'mean'), scan=('raster', 'hilbert'),
+                       train_boundaries=('bernoulli', 'topk'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -700,8 +701,9 @@ def load_checkpoint(model: CLIP, path):
     _load_weights(model, _state_dict(read_checkpoint(path), path)[0], path)
 
 
-# DTP's modules that OpenCLIP's ViT lacks: they keep their initialisation when loading OpenCLIP weights.
-_DTP_MODULES = ('predictor', 'extent_embedding')
+# DTP's modules (in DTPViT) that OpenCLIP's ViT lacks: they keep their initialisation when loading
+# OpenCLIP weights, and flops.py leaves them out of the plain ViT's parameter count.
+DTP_MODULES = ('predictor', 'extent_embedding')
 
 
 def _load_weights(model, state_dict, path, hint=''):
@@ -710,11 +712,11 @@ def _load_weights(model, state_dict, path, hint=''):
     not have) that the checkpoint lacks, or a shape that differs, is an error naming them."""
     state_dict = convert_to_custom_text_state_dict(state_dict)  # CLIP's flat text keys -> text.*
     resize_pos_embed(state_dict, model)  # only acts when the image size differs from the checkpoint's
-    for name in _DTP_MODULES:  # a DTP checkpoint run without them (e.g. as a plain ViT or with fixed pooling)
+    for name in DTP_MODULES:  # a DTP checkpoint run without them (e.g. as a plain ViT or with fixed pooling)
         if not hasattr(model.visual, name):
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(f'visual.{name}.')}
     ours = model.state_dict()
-    own = tuple(f'visual.{name}.' for name in _DTP_MODULES)
+    own = tuple(f'visual.{name}.' for name in DTP_MODULES)
     missing = [k for k in ours if k not in state_dict and not k.startswith(own)]
     unexpected = [k for k in state_dict if k not in ours]
     shapes = [f'{k} {list(v.shape)} vs {list(ours[k].shape)}' for k, v in state_dict.items()

@@ -370,17 +370,32 @@ def test_imagenet_val_must_hold_the_1000_classes(tmp_path):
     assert proc.returncode != 0 and 'has 3 class folders' in proc.stderr and 'Traceback' not in proc.stderr
 
 
-def test_tome_trains_and_evaluates_the_plain_tower(tmp_path):
+@pytest.fixture(scope='module')
+def tome_run(tmp_path_factory):
+    """The out_dir of a 2-step ToMe run (plain tower, tome_r=2)."""
+    out = str(tmp_path_factory.mktemp('tome') / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=2', '--log_interval=1', '--boundary=none', '--tome_r=2')
+    return out
+
+
+def test_tome_trains_and_evaluates_the_plain_tower(tome_run):
     """tome_r > 0: the plain tower merges tokens in training and zero-shot evaluation (16 patches,
     2 blocks, 2 merged in each: 12 patch tokens left, compression 16 / 12); the checkpoint holds the
     plain ViT's weights."""
-    out = str(tmp_path / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=2', '--log_interval=1', '--boundary=none', '--tome_r=2')
+    out = tome_run
     logged = records(out)
     assert [r['compression'] for r in logged if 'loss' in r] == pytest.approx([16 / 12] * 2)
     assert [r for r in logged if 'zeroshot_top1' in r][-1]['eval_compression'] == pytest.approx(16 / 12)
     keys = load_ckpt(out)['model']
     assert 'visual.proj' in keys and not any('predictor' in k for k in keys)
+
+
+def test_resuming_a_tome_run_without_its_tome_settings_is_refused(tome_run):
+    """The checkpoint holds the plain ViT's weights, so a resume that forgot --tome_r would silently go
+    on training another model; it stops and names the setting (evaluation may change it: see below)."""
+    proc = run(TINY, f'--out_dir={tome_run}', '--init_from=resume', '--max_steps=4', '--boundary=none', check=False)
+    assert proc.returncode != 0 and 'tome_r=0 (checkpoint: 2)' in proc.stderr and 'Traceback' not in proc.stderr
+    assert load_ckpt(tome_run)['step'] == 2
 
 
 def test_tome_with_a_dtp_tower_is_a_config_error(tmp_path):

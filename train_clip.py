@@ -109,8 +109,10 @@ elif not eval_only:
 
 # model -----------------------------------------------------------------------------------------
 torch.manual_seed(seed)  # the same initial weights on every rank
-# resuming, the architecture comes from the checkpoint, and batch_size fixes which samples it has seen
-clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'])
+# resuming, the architecture comes from the checkpoint, and batch_size fixes which samples it has seen;
+# ToMe's settings may change only for evaluation (a plain run's model evaluated with ToMe, training-free)
+clip, model_args, ckpt = init_model(config, ckpt_path,
+                                    resume_keys=['batch_size'] + ([] if eval_only else ['tome_r', 'tome_cost']))
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
 if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)

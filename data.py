@@ -43,6 +43,9 @@ COLOURS = {'red': (215, 40, 40), 'yellow': (240, 205, 30), 'green': (40, 160, 60
            'blue': (35, 80, 215), 'purple': (135, 50, 175), 'pink': (245, 125, 185)}
 SHAPES = ['circle', 'square', 'triangle', 'star', 'cross']
 SHAPES_CLASSNAMES = [f'{c} {s}' for c in COLOURS for s in SHAPES]  # index == label
+# The two halves of a class name, by label: evaluation also says how often each alone is right.
+SHAPES_GROUPS = dict(colour=torch.arange(len(SHAPES_CLASSNAMES)) // len(SHAPES),
+                     shape=torch.arange(len(SHAPES_CLASSNAMES)) % len(SHAPES))
 # Zero-shot prompts, same form as open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES.
 SHAPES_TEMPLATES = (
     lambda c: f'a photo of a {c}.',

@@ -55,6 +55,12 @@ def test_the_run_ends_with_a_zero_shot_evaluation(logged_run):
     assert final and final[-1]['step'] == 60 and 0 <= final[-1]['zeroshot_top5'] <= 100
 
 
+def test_shapes_evaluation_scores_colour_and_shape_on_their_own(logged_run):
+    """Top-1 needs both halves of the class name right, so it is at most either half's accuracy."""
+    final = [r for r in records(logged_run) if 'zeroshot_top1' in r][-1]
+    assert final['zeroshot_top1'] <= min(final['colour_top1'], final['shape_top1']) <= 100
+
+
 def test_evaluation_saves_a_picture_of_the_segments(logged_run):
     assert os.path.isfile(os.path.join(logged_run, 'boundaries_60.png'))
 

@@ -68,7 +68,7 @@ def test_each_epoch_is_validated_once(logged_run):
 def test_epoch_lines_hold_every_metric(logged_run):
     _, epoch = logged_run
     for key in ['train_loss', 'val_top1', 'val_top5', 'train_compression', 'eval_compression', 'avg_step_time',
-                'peak_mem_gb', 'lr']:
+                'peak_mem_gb', 'lr', 'colour_top1', 'shape_top1']:
         assert key in epoch[0], key
 
 

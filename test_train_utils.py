@@ -6,8 +6,8 @@ import traceback
 import pytest
 import torch
 
-from train_utils import (boundary_confidence, check_resume, check_settings, configure, cosine_lr, param_groups,
-                         save_checkpoint, segment_quality, trim_log)
+from train_utils import (boundary_confidence, check_resume, check_settings, configure, cosine_lr, evaluate,
+                         param_groups, save_checkpoint, segment_quality, trim_log)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
                 imagenet_val=None, betas=(0.9, 0.98))
@@ -110,6 +110,24 @@ def test_segment_purity_and_object_tokens_on_hand_made_segmentations():
     # an image without object counts for purity only
     q = segment_quality(torch.tensor([[0, 0, 1, 1, 1, 2]]), torch.zeros(1, 6, dtype=torch.bool))
     assert (q['pure'], q['segments'], q['images_with_object'], q['object_tokens']) == (3, 3, 0, 0)
+
+
+def test_evaluate_scores_each_half_of_a_shapes_class_on_its_own():
+    """groups: an image counts for a group when its top-1 class lies in its label's group. Shapes labels
+    are colour x shape: a red circle called a red square has the right colour and the wrong shape."""
+    import data
+    names = data.SHAPES_CLASSNAMES
+    truth = ['red circle', 'yellow triangle', 'pink cross', 'blue star']
+    called = ['red square', 'green triangle', 'pink cross', 'blue star']
+    labels, predicted = (torch.tensor([names.index(n) for n in ns]) for ns in (truth, called))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(predicted, labels), batch_size=3)
+
+    def logits_fn(prediction):  # the "image" is the class it will be called
+        aux = dict(boundaries=torch.ones(len(prediction), 4), n_segments=torch.full((len(prediction),), 4))
+        return torch.nn.functional.one_hot(prediction, len(names)).float(), aux
+    result = evaluate(logits_fn, loader, torch.device('cpu'), groups=data.SHAPES_GROUPS)
+    assert result['top1'] == 50 and result['colour_top1'] == 75 and result['shape_top1'] == 75
+    assert 'colour_top1' not in evaluate(logits_fn, loader, torch.device('cpu'))
 
 
 def test_boundary_confidence_on_hand_made_probabilities():

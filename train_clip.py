@@ -126,6 +126,7 @@ clip.to(device)
 tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
 train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_size)
 
+class_groups = None  # shapes: also the accuracy of the colour alone and of the shape alone
 if imagenet_val:
     val_root, val_split = os.path.split(os.path.normpath(imagenet_val))
     classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
@@ -135,6 +136,7 @@ if imagenet_val:
         raise SystemExit(f'imagenet_val={imagenet_val!r}: {e}')
 elif use_shapes:
     val_root, val_split, classnames, templates = shapes['root'], 'val', data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
+    class_groups = data.SHAPES_GROUPS
 else:
     val_root = None
 val_loader = (data.folder_loader(val_root, val_split, val_transform, batch_size, workers=workers)
@@ -154,7 +156,7 @@ def zero_shot(step):
     def logits_fn(images):
         features, aux = model.visual(images)
         return torch.nn.functional.normalize(features, dim=-1) @ classifier.to(features.dtype), aux
-    result = evaluate(logits_fn, val_loader, device, precision, object_patches)
+    result = evaluate(logits_fn, val_loader, device, precision, object_patches, class_groups)
     save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), model.visual, val_loader, device, precision)
     model.train()
     return dict(step=step, zeroshot_top1=result.pop('top1'), zeroshot_top5=result.pop('top5'),

@@ -182,7 +182,8 @@ def validate():
     """Top-1/top-5 (percent) and compression on the whole val set (rank 0), and a picture of the segments."""
     m = unwrap(net)
     m.eval()
-    result = evaluate(m, val_loader, device, precision, object_patches)
+    result = evaluate(m, val_loader, device, precision, object_patches,
+                      data.SHAPES_GROUPS if data_dir == 'shapes' else None)
     if m.visual.cfg.boundary != 'none':
         save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), m.visual, val_loader, device, precision)
     m.train()

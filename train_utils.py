@@ -555,14 +555,17 @@ def boundary_confidence(logits, boundaries):
 
 
 @torch.no_grad()
-def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None):
+def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None, groups=None):
     """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
     over a loader of (images, labels) batches (None batches skipped). With object_patches ((n, N) bool,
     one row per image in loader order, see data.shapes_object_patches), also segment_purity,
     object_tokens and, when there is a predictor, its boundary_prob_std and boundary_margin (see
-    segment_quality, boundary_confidence), over the batches that lost no unreadable image."""
+    segment_quality, boundary_confidence), over the batches that lost no unreadable image.
+    groups: optional {name: (classes,) tensor of group ids}; adds `{name}_top1`, the percent of images
+    whose top-1 class is in the right group (for shapes: the right colour, the right shape)."""
     correct1 = correct5 = n = patches = segments = 0
     sums = defaultdict(float)
+    groups = {name: g.to(device) for name, g in (groups or {}).items()}
     for i, batch in enumerate(loader):
         if batch is None:  # every image of it unreadable (data.collate), and counted as skipped
             continue
@@ -572,6 +575,8 @@ def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None):
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top5[:, 0] == labels).sum().item()
         correct5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        for name, g in groups.items():
+            sums[f'{name}_top1'] += (g[top5[:, 0]] == g[labels]).sum().item()
         objects = None if object_patches is None else object_patches[i * loader.batch_size:][:loader.batch_size]
         if objects is not None and len(objects) == len(labels):  # else an image was skipped: rows unknown
             sums['images'] += len(labels)
@@ -584,6 +589,7 @@ def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None):
         patches += aux['boundaries'].numel()
         segments += aux['n_segments'].sum().item()
     result = dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)
+    result.update({f'{name}_top1': 100 * sums[f'{name}_top1'] / n for name in groups})
     if sums['images']:
         result.update(segment_purity=sums['pure'] / sums['segments'],
                       object_tokens=sums['object_tokens'] / max(1, sums['images_with_object']))

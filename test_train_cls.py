@@ -281,6 +281,25 @@ def test_no_silent_overwrite_and_no_conflicting_resume(tmp_path):
     assert load_ckpt(out)['step'] == 4
 
 
+def test_resume_on_other_class_folders_is_refused(tmp_path):
+    """The checkpoint's head scores its run's classes: resumed on folders of other names, every label
+    would silently mean another class."""
+    shapes, root = data.make_shapes(), tmp_path / 'data'
+    for split, n in (('train', 2), ('val', 1)):
+        for c in sorted(os.listdir(shapes[split])):
+            os.makedirs(root / split / c)
+            for name in sorted(os.listdir(os.path.join(shapes[split], c)))[:n]:
+                shutil.copy(os.path.join(shapes[split], c, name), root / split / c / name)
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', f'--data_dir={root}', '--max_steps=2')
+    for split in ('train', 'val'):
+        for c in os.listdir(root / split):
+            os.rename(root / split / c, root / split / f'other_{c}')
+    proc = run(TINY, f'--out_dir={out}', f'--data_dir={root}', '--max_steps=4', '--init_from=resume', check=False)
+    assert proc.returncode != 0 and 'class folders' in proc.stderr and 'Traceback' not in proc.stderr
+    assert load_ckpt(out)['step'] == 2
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
     """A few images of each class of the shapes folders, and some files that are not images, in train/ and val/."""
     shapes = data.make_shapes()

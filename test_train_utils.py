@@ -6,8 +6,9 @@ import traceback
 import pytest
 import torch
 
+import train_utils
 from train_utils import (boundary_confidence, check_resume, check_settings, configure, cosine_lr, evaluate,
-                         param_groups, save_checkpoint, segment_quality, trim_log)
+                         param_groups, prepare_out_dir, save_checkpoint, save_val_segments, segment_quality, trim_log)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
                 imagenet_val=None, betas=(0.9, 0.98))
@@ -34,6 +35,9 @@ def test_unknown_key_names_it_and_close_matches(tmp_path):
 
 
 def test_wrong_type_and_malformed_arguments_fail_clearly():
+    with pytest.raises(SystemExit, match=r"batch_size=None: expected a int like the default 64"):
+        configure(DEFAULTS, ['--batch_size=None'])
+    assert configure(DEFAULTS, ['--imagenet_val=None'])['imagenet_val'] is None  # None where None is the default
     with pytest.raises(SystemExit, match=r"batch_size='big' is a str, expected a int"):
         configure(DEFAULTS, ['--batch_size=big'])
     with pytest.raises(SystemExit, match=r"compile=1 is a int, expected a bool"):
@@ -130,6 +134,36 @@ def test_evaluate_scores_each_half_of_a_shapes_class_on_its_own():
     assert 'colour_top1' not in evaluate(logits_fn, loader, torch.device('cpu'))
 
 
+def test_a_val_set_without_a_readable_image_is_no_crash(tmp_path):
+    """Unreadable images come as None batches (data.collate): evaluation scores NaN and the picture of
+    the segments takes the first readable batch, instead of a crash that would lose the run's last steps."""
+    from model import DTPConfig, DTPViT
+    visual = DTPViT(DTPConfig(image_size=16, patch_size=8, width=16, heads=2, embed_dim=8, pre_layers=1,
+                              short_layers=1, boundary='fixed', compression=2.0)).eval()
+    logits_fn = lambda images: (torch.zeros(len(images), 3), visual(images)[1])  # noqa: E731
+    result = evaluate(logits_fn, [None, None], torch.device('cpu'))
+    assert all(v != v for v in result.values())  # NaN
+    png = tmp_path / 'b.png'
+    save_val_segments(str(png), visual, [None, (torch.randn(2, 3, 16, 16), torch.zeros(2))], torch.device('cpu'), 'fp32')
+    assert png.stat().st_size > 0
+
+
+def test_two_runs_into_one_out_dir_cannot_both_write_it(tmp_path):
+    """Both would pass the ckpt.pt check before either saved, then replace each other's checkpoints: the
+    first holds out_dir/.lock for as long as it runs, and the second stops."""
+    out = str(tmp_path / 'run')
+    prepare_out_dir(out, 'scratch', False)
+    try:
+        with pytest.raises(SystemExit, match=r"is in use by another run .*\.lock"):
+            prepare_out_dir(out, 'scratch', False)
+    finally:
+        for f in train_utils._locks:
+            f.close()
+        train_utils._locks.clear()
+    prepare_out_dir(out, 'resume', False)  # the first run ended: the lock is free
+    train_utils._locks.pop().close()
+
+
 def test_boundary_confidence_on_hand_made_probabilities():
     p = torch.tensor([[0.9, 0.1, 0.9, 0.1, 0.5],
                       [0.3, 0.3, 0.3, 0.3, 0.3]])
@@ -196,6 +230,12 @@ SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layer
     (dict(log_interval=0), r'log_interval=0: must be >= 1'),
     (dict(ckpt_interval=0), r'ckpt_interval=0: must be >= 1'),
     (dict(epochs=0, max_steps=0), r'epochs=0 and max_steps=0: nothing to train'),
+    (dict(grad_clip=-1.0), r'grad_clip=-1.0: must be >= 0 \(0: off\)'),  # negative: gradient ascent, silently
+    (dict(workers=-1), r'workers=-1: must be >= 0'),
+    (dict(label_smoothing=1.5), r'label_smoothing=1.5: must be between 0 and 1'),
+    (dict(imagenet_val=5), r'imagenet_val=5: expected the path'),
+    (dict(vision={'image_size': '48'}), r"vision\['image_size'\]='48' is a str, expected a int"),
+    (dict(text={'layers': 2.5}), r"text\['layers'\]=2.5 is a float, expected a int"),
 ])
 def test_settings_that_would_fail_later_are_refused_up_front(change, message):
     check_settings(SETTINGS)  # the defaults pass

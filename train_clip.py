@@ -91,7 +91,7 @@ if (tome_r or tome_cost) and (tome_r < 0 or not 0 <= tome_cost <= 1 or boundary 
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
-log_file, ckpt_path = prepare_out_dir(out_dir, init_from, eval_only)
+log_file, ckpt_path = prepare_out_dir(out_dir, init_from, eval_only, master)
 log = make_logger(log_file, master)
 
 # data ------------------------------------------------------------------------------------------
@@ -109,10 +109,11 @@ elif not eval_only:
 
 # model -----------------------------------------------------------------------------------------
 torch.manual_seed(seed)  # the same initial weights on every rank
-# resuming, the architecture comes from the checkpoint, and batch_size fixes which samples it has seen;
-# ToMe's settings may change only for evaluation (a plain run's model evaluated with ToMe, training-free)
-clip, model_args, ckpt = init_model(config, ckpt_path,
-                                    resume_keys=['batch_size'] + ([] if eval_only else ['tome_r', 'tome_cost']))
+# resuming, the architecture comes from the checkpoint, and the data settings fix which samples it has seen
+# (the batches skipped to reach its position); ToMe's settings may change only for evaluation (a plain
+# run's model evaluated with ToMe, training-free)
+clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'] + (
+    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost']))
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
 if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)
@@ -171,12 +172,16 @@ if eval_only:
     raise SystemExit
 
 # optimisation ----------------------------------------------------------------------------------
-if use_shapes:  # small enough for RAM: decoded once, not every step (see data.memory_loader)
-    loader = data.memory_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, seed=seed,
-                                rank=rank, world_size=world_size)
-else:
-    loader = data.wds_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, train=True,
-                             workers=workers, seed=seed, rank=rank, world_size=world_size)
+try:  # too few shards or samples for the ranks, workers and batch size: a config error, not a traceback
+    if use_shapes:  # small enough for RAM: decoded once, not every step (see data.memory_loader)
+        loader = data.memory_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, seed=seed,
+                                    rank=rank, world_size=world_size)
+    else:
+        loader = data.wds_loader(train_data, train_transform, tokenizer, batch_size, train_num_samples, train=True,
+                                 workers=workers, seed=seed, rank=rank, world_size=world_size)
+except ValueError as e:
+    raise SystemExit(f'train_data={train_data!r}: {e}; use more shards or samples, or fewer workers or a smaller '
+                     f'batch_size')
 total_steps = max_steps or epochs * loader.num_batches
 optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
                               fused=True)

@@ -91,7 +91,7 @@ if head_init not in ('auto', 'zeroshot', 'random'):
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
-log_file, ckpt_path = prepare_out_dir(out_dir, init_from, eval_only)
+log_file, ckpt_path = prepare_out_dir(out_dir, init_from, eval_only, master)
 log = make_logger(log_file, master)
 
 # data: two ImageFolders; a missing or malformed one fails here, with the layout it expects ------
@@ -125,6 +125,10 @@ torch.manual_seed(seed)  # the same initial head and predictor in every run with
 # resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
                                                                      'batch_size'])
+if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
+    raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
+                     f"({', '.join(train_set.classes[:3])}, ...), the checkpoint's run {len(ckpt['classes'])} "
+                     f"({', '.join(ckpt['classes'][:3])}, ...); resume on its data_dir, or start a new run")
 pretrained = ckpt['pretrained_backbone'] if ckpt is not None else init_from != 'scratch'  # as the checkpointed run
 net = Classifier(clip.visual, len(train_set.classes)).to(device)
 if ckpt is not None:

@@ -8,6 +8,7 @@ import ast
 import contextlib
 import dataclasses
 import difflib
+import fcntl
 import itertools
 import json
 import math
@@ -53,6 +54,9 @@ def _check(config, key, value, source):
         raise SystemExit(f"config error ({source}): unknown key {key!r}"
                          + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ''))
     default = config[key]
+    if value is None and default is not None and not isinstance(default, dict):  # a dict: None clears it
+        raise SystemExit(f"config error ({source}): {key}=None: expected a {type(default).__name__} like the "
+                         f"default {default!r}")
     if default is None or value is None or type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:  # lr=1 is a float to anyone
@@ -124,6 +128,8 @@ def check_settings(config):
         if config.get(key) is not None and not isinstance(config[key], dict):
             refuse(f'{key}={config[key]!r}: expected a dict of overrides or None')
     text_fields = {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)}
+    defaults = {key: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+                for key, cls in (('vision', dtp_vit.DTPConfig), ('text', open_clip.CLIPTextCfg))}
     for key, names, what in (('vision', fields, 'DTPConfig field'), ('text', text_fields, 'OpenCLIP text_cfg key')):
         for name in config.get(key) or {}:
             if name in DTP_GLOBALS:  # one entry point per setting
@@ -133,6 +139,11 @@ def check_settings(config):
                 close = difflib.get_close_matches(name, names, n=3)
                 refuse(f"{key}[{name!r}]: no such {what}" + (f"; did you mean {' or '.join(map(repr, close))}?"
                                                             if close else f'; expected one of {sorted(names)}'))
+            value, default = config[key][name], defaults[key].get(name)
+            if default is not None and value is not None and not (
+                    type(value) is type(default) or (type(default) is float and type(value) is int)):
+                refuse(f"{key}[{name!r}]={value!r} is a {type(value).__name__}, expected a {type(default).__name__} "
+                       f"like the default {default!r}")
     try:  # the pooling settings, checked by DTPConfig itself
         dtp_vit.DTPConfig(**{k: config[k] for k in DTP_GLOBALS if config.get(k) is not None})
     except ValueError as e:  # its messages name DTPConfig's fields, which here are the script's settings
@@ -140,9 +151,15 @@ def check_settings(config):
     if config.get('precision') not in ('bf16', 'fp16', 'fp32'):
         refuse(f"precision={config.get('precision')!r}: expected 'bf16', 'fp16' or 'fp32'")
     for key, low in (('batch_size', 1), ('log_interval', 1), ('ckpt_interval', 1), ('eval_interval', 0),
-                     ('epochs', 0), ('max_steps', 0), ('warmup_steps', 0), ('lr', 0), ('min_lr', 0)):
+                     ('epochs', 0), ('max_steps', 0), ('warmup_steps', 0), ('lr', 0), ('min_lr', 0),
+                     ('lr_decay_steps', 0), ('workers', 0), ('weight_decay', 0), ('boundary_loss_weight', 0),
+                     ('grad_clip', 0)):  # a negative grad_clip would flip the gradients: the run climbs the loss
         if key in config and not config[key] >= low:
-            refuse(f'{key}={config[key]!r}: must be >= {low}')
+            refuse(f'{key}={config[key]!r}: must be >= {low}' + (' (0: off)' if key == 'grad_clip' else ''))
+    if 'label_smoothing' in config and not 0 <= config['label_smoothing'] <= 1:
+        refuse(f"label_smoothing={config['label_smoothing']!r}: must be between 0 and 1")
+    if config.get('imagenet_val') is not None and not isinstance(config['imagenet_val'], str):
+        refuse(f"imagenet_val={config['imagenet_val']!r}: expected the path of an ImageNet val folder (a str)")
     if not config.get('eval_only') and not config.get('epochs') and not config.get('max_steps'):
         refuse('epochs=0 and max_steps=0: nothing to train; set epochs or max_steps (or eval_only=True)')
     if os.path.exists(config['out_dir']) and not os.path.isdir(config['out_dir']):
@@ -165,7 +182,7 @@ def load_model(model_args):
     stops the run with load_openclip's message (which names the file)."""
     try:
         return dtp_vit.load_openclip(**model_args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: a download failed
         raise SystemExit(f"config error: {e.args[0] if e.args else e}")
 
 
@@ -191,6 +208,10 @@ def init_model(config, ckpt_path, resume_keys=()):
         if not os.path.isfile(ckpt_path):
             raise SystemExit(f"init_from='resume': no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path)
+        script = os.path.basename(sys.argv[0])
+        if ckpt.get('script', script) != script:  # the other script's checkpoint: another model, other state
+            raise SystemExit(f"init_from='resume': {ckpt_path} was written by {ckpt['script']}, not {script}; resume "
+                             f"it with {ckpt['script']}")
         check_resume(config, ckpt, [*ARCH_SETTINGS, *resume_keys], ckpt_path)
         model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
     else:
@@ -376,15 +397,35 @@ def save_run(path, module, optimizer, scaler, step, loss, device, world_size, ma
     stop_if_not_finite([loss, *module.parameters()], step, path, device, world_size)
     if master:
         save_checkpoint(dict(model=unwrap(module).state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), step=step, **extra), path)
+                             scaler=scaler.state_dict(), step=step, script=os.path.basename(sys.argv[0]), **extra),
+                        path)
 
 
-def prepare_out_dir(out_dir, init_from, eval_only):
-    """Create out_dir, unless a new run would replace the checkpoint in it (refuse_overwrite), and return
-    the paths of its log (log.jsonl) and its checkpoint (ckpt.pt)."""
+def prepare_out_dir(out_dir, init_from, eval_only, master=True):
+    """Create out_dir, unless a new run would replace the checkpoint in it (refuse_overwrite), lock it for
+    this run (lock_out_dir, rank 0) and return the paths of its log (log.jsonl) and its checkpoint (ckpt.pt)."""
     refuse_overwrite(out_dir, init_from, eval_only)
     os.makedirs(out_dir, exist_ok=True)
+    if master:
+        lock_out_dir(out_dir)
+    refuse_overwrite(out_dir, init_from, eval_only)  # again, now that no other run can be writing it
     return os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'ckpt.pt')
+
+
+_locks = []  # open lock files: a lock lasts as long as its file stays open, here the whole process
+
+
+def lock_out_dir(out_dir):
+    """Hold an exclusive lock on out_dir/.lock until the process ends. Two runs started into one out_dir
+    would both pass refuse_overwrite before either saved, then replace each other's checkpoints."""
+    f = open(os.path.join(out_dir, '.lock'), 'w')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS however the process ends
+    except OSError:
+        f.close()
+        raise SystemExit(f"out_dir={out_dir!r} is in use by another run (it holds {out_dir}/.lock); wait for it to "
+                         f"end or choose another out_dir")
+    _locks.append(f)
 
 
 def refuse_overwrite(out_dir, init_from, eval_only):
@@ -588,6 +629,9 @@ def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None, g
         n += len(labels)
         patches += aux['boundaries'].numel()
         segments += aux['n_segments'].sum().item()
+    if not n:  # every val image unreadable (and counted as skipped): no accuracy, but no crash mid-run either
+        print('evaluation: no readable image in the val set; accuracy logged as NaN', file=sys.stderr)
+        return dict(top1=math.nan, top5=math.nan, compression=math.nan)
     result = dict(top1=100 * correct1 / n, top5=100 * correct5 / n, compression=patches / segments)
     result.update({f'{name}_top1': 100 * sums[f'{name}_top1'] / n for name in groups})
     if sums['images']:
@@ -638,7 +682,10 @@ def save_segments_png(path, images, segment_ids, grid_size, mean, std, nrow=8):
 def save_val_segments(path, visual, loader, device, precision):
     """save_segments_png of the segments the image tower `visual` predicts on the first 16 images of
     loader: where the boundaries fall, which the compression figures alone do not show."""
-    images = next(iter(loader))[0][:16].to(device)
+    batch = next((b for b in loader if b is not None), None)  # None: every image of a batch unreadable
+    if batch is None:
+        return
+    images = batch[0][:16].to(device)
     with torch.no_grad(), autocast(device, precision):
         segment_ids = visual(images)[1]['segment_ids']
     save_segments_png(path, images, segment_ids, visual.grid_size, open_clip.OPENAI_DATASET_MEAN,

@@ -31,6 +31,7 @@ import gc
 import json
 import math
 import statistics
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -317,6 +318,10 @@ def load_tower(path, model, ratio=None, pre_layers=None, image_size=None):
     whose DTP settings then come from the command line."""
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and 'model' in ckpt and ('model_args' in ckpt or 'config' in ckpt):
+        run = ckpt.get('config') or {}
+        if run.get('tome_r') or run.get('tome_cost'):  # its weights are the plain ViT's: counted here, it would be one
+            raise SystemExit(f"{path} is a ToMe run's (tome_r={run.get('tome_r')}, tome_cost={run.get('tome_cost')}): "
+                             f"--checkpoint measures DTP pooling; ToMe's counts are printed by --tome-r R or --tome-cost C")
         if 'model_args' in ckpt:
             arch = ckpt['model_args'].get('model_name', 'ViT-B-32')
             tower = load_openclip(**{**ckpt['model_args'], 'pretrained': None}).visual
@@ -353,24 +358,36 @@ def checkpoint_rows(args, device):
     objects = data.shapes_object_patches(paths, transform, cfg.patch_size)
     quality = defaultdict(float)
     segments, padded = [], []  # per image: its segment count, and its batch's maximum
+    unreadable = []  # skipped and counted, as training does
     for i in range(0, len(paths), args.batch_size):
-        images = []
-        for p in paths[i:i + args.batch_size]:
-            images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
+        images, kept = [], []
+        for j, p in enumerate(paths[i:i + args.batch_size], start=i):
+            try:
+                images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
+                kept.append(j)
+            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on a file that is no image
+                unreadable.append(f'{p} ({type(e).__name__})')
+        if not images:
+            continue
         _, aux = tower(torch.stack(images).to(device))
         counts = aux['n_segments'].tolist()
         segments += counts
         padded += [max(counts)] * len(counts)
         if objects is not None:
-            sums = segment_quality(aux['segment_ids'], objects[i:i + len(counts)].to(device))
+            sums = segment_quality(aux['segment_ids'], objects[kept].to(device))
             if 'boundary_logits' in aux:
                 sums.update(boundary_confidence(aux['boundary_logits'], aux['boundaries']))
             for k, v in sums.items():
                 quality[k] += v
+    if unreadable:
+        print(f'{len(unreadable)} unreadable images skipped, e.g. {unreadable[0]}', file=sys.stderr)
+    if not segments:
+        raise SystemExit(f'no readable image under {args.data}')
     plain = plain_config(cfg)
     dtp_own = tuple(f'{name}.' for name in DTP_MODULES)  # the plain ViT's parameters are the rest
     params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith(dtp_own))
-    common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(paths),
+    common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(segments),
+                  unreadable=len(unreadable),
                   batch_size=args.batch_size, eval_boundaries=cfg.eval_boundaries)
     rows = [dict(common, pooling='none', measure='closed form', ratio=1.0, tokens=N + 1, gmacs=gmacs(plain),
                  params=params)]
@@ -385,7 +402,7 @@ def checkpoint_rows(args, device):
         rows[1].update(segment_purity=quality['pure'] / quality['segments'],
                        object_tokens=quality['object_tokens'] / max(1, quality['images_with_object']))
         if 'prob_std' in quality:
-            rows[1].update(boundary_prob_std=quality['prob_std'] / len(paths),
+            rows[1].update(boundary_prob_std=quality['prob_std'] / len(segments),
                            boundary_margin=quality['margin'] / max(1, quality['images_with_margin']))
     return rows, cfg, segments
 

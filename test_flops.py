@@ -197,6 +197,28 @@ def test_checkpoint_with_extent_embeddings_compares_to_the_plain_vit(tmp_path):
     assert ideal['gmacs'] == pytest.approx(flops.gmacs(cfg)) == pytest.approx(padded['gmacs'])
 
 
+def test_checkpoint_skips_and_counts_unreadable_images(tmp_path, capsys):
+    model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
+                      **{**TINY, 'boundary': 'fixed'})
+    torch.save(dict(model=load_openclip(**model_args).state_dict(), model_args=model_args, step=1), tmp_path / 'ckpt.pt')
+    write_images(tmp_path / 'val', 3)
+    (tmp_path / 'val' / 'broken.jpg').write_bytes(b'not a jpeg')
+    plain, ideal, padded = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val'),
+                                       '--json'])
+    assert ideal['images'] == 3 and ideal['unreadable'] == 1 and 'broken.jpg' in capsys.readouterr().err
+
+
+def test_a_tome_runs_checkpoint_is_refused(tmp_path):
+    """Its weights are the plain ViT's: counted as DTP it would be reported at the plain ViT's cost."""
+    model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
+                      **{**TINY, 'boundary': 'none'})
+    torch.save(dict(model=load_openclip(**model_args).state_dict(), model_args=model_args, step=1,
+                    config=dict(tome_r=2, tome_cost=0.0)), tmp_path / 'ckpt.pt')
+    write_images(tmp_path / 'val', 2)
+    with pytest.raises(SystemExit, match=r"ToMe run's \(tome_r=2.*--tome-r"):
+        flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val')])
+
+
 def test_openclip_format_checkpoint(tmp_path):
     clip = load_openclip('ViT-S-32', image_size=64)
     torch.save(clip.state_dict(), tmp_path / 'openclip.pt')

@@ -93,7 +93,7 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     save_checkpoint({'step': 1}, path)
 
     def crash(obj, f):  # dies half-way through writing the next checkpoint
-        open(f, 'wb').write(b'partial')
+        f.write(b'partial')
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
@@ -256,7 +256,7 @@ def test_disk_full_is_a_clear_error_and_leaves_no_temporary_file(tmp_path, monke
     save_checkpoint({'step': 1}, str(path))
 
     def disk_full(obj, f):
-        open(f, 'wb').write(b'x' * 1000)
+        f.write(b'x' * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, 'save', disk_full)
     with pytest.raises(SystemExit, match=rf'{path}: No space left on device \(\d+ MiB free there\)'):
@@ -277,6 +277,21 @@ def test_two_runs_saving_at_once_do_not_collide(tmp_path, monkeypatch):
     save_checkpoint({'step': 1}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {'step': 1} and os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_a_new_run_moves_the_log_of_a_run_without_checkpoint_aside(tmp_path):
+    """A run killed before its first checkpoint, started again: its log lines are kept in a file of their
+    own instead of mixing with the new run's (both would have a step 10)."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.jsonl').write_text('{"step": 10, "loss": 4.0}\n')
+    try:
+        log_file, _ = prepare_out_dir(str(out), 'scratch', False)
+    finally:
+        train_utils._locks.pop().close()
+    assert not os.path.exists(log_file)
+    kept = [p for p in os.listdir(out) if p.startswith('log.') and p != 'log.jsonl']
+    assert len(kept) == 1 and (out / kept[0]).read_text() == '{"step": 10, "loss": 4.0}\n'
 
 
 def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path):

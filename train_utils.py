@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections import defaultdict
 
@@ -375,7 +376,10 @@ def save_checkpoint(obj, path):
     failed write (disk full) removes it and stops the run with the path and the free space."""
     tmp = f'{path}.{uuid.uuid4().hex[:12]}.tmp'
     try:
-        torch.save(obj, tmp)
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave a renamed, empty file
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -409,7 +413,13 @@ def prepare_out_dir(out_dir, init_from, eval_only, master=True):
     if master:
         lock_out_dir(out_dir)
     refuse_overwrite(out_dir, init_from, eval_only)  # again, now that no other run can be writing it
-    return os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, 'ckpt.pt')
+    log_file = os.path.join(out_dir, 'log.jsonl')
+    if master and init_from != 'resume' and not eval_only and os.path.exists(log_file):
+        # the log of a run that died before its first checkpoint: kept, but not mixed with this run's steps
+        kept = os.path.join(out_dir, f'log.{time.strftime("%Y%m%d-%H%M%S")}.jsonl')
+        os.replace(log_file, kept)
+        print(f'{log_file}: the log of an earlier run without a checkpoint, moved to {kept}', file=sys.stderr)
+    return log_file, os.path.join(out_dir, 'ckpt.pt')
 
 
 _locks = []  # open lock files: a lock lasts as long as its file stays open, here the whole process

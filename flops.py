@@ -365,7 +365,7 @@ def checkpoint_rows(args, device):
             try:
                 images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
                 kept.append(j)
-            except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on a file that is no image
+            except Exception as e:  # any file that does not decode, as data.SkippingImageFolder skips in training
                 unreadable.append(f'{p} ({type(e).__name__})')
         if not images:
             continue

@@ -234,23 +234,29 @@ def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed
                   image_size=image_size, shard_size=shard_size, classnames=SHAPES_CLASSNAMES)
     t0 = time.time()
     meta_file = root / 'meta.json'
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Concurrent callers (DDP ranks, a test run next to a training run) queue on a lock
-    # file; the later ones then find meta.json up to date and return at once.
-    with open(root.with_name(root.name + '.lock'), 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        generated = not (meta_file.exists() and json.loads(meta_file.read_text()).get('params') == params)
-        if generated:
-            # Build in a temp dir and rename at the end: an interrupted run never leaves
-            # a half-written dataset that looks complete.
-            tmp = root.with_name(root.name + '.tmp')
-            shutil.rmtree(tmp, ignore_errors=True)
-            with mp.Pool(workers or os.cpu_count()) as pool:
-                _write_shapes(tmp, pool, n_train, n_val, image_size, seed, shard_size)
-            n_shards = math.ceil(n_train / shard_size)
-            (tmp / 'meta.json').write_text(json.dumps(dict(params=params, n_shards=n_shards), indent=1))
-            shutil.rmtree(root, ignore_errors=True)
-            tmp.rename(root)
+
+    def up_to_date():  # meta.json is written last: where it matches, the whole dataset is there
+        return meta_file.exists() and json.loads(meta_file.read_text()).get('params') == params
+
+    generated = False
+    if not up_to_date():  # a complete dataset is only read, so it may sit on a read-only mount
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # Concurrent callers (DDP ranks, a test run next to a training run) queue on a lock
+        # file; the later ones then find meta.json up to date and return at once.
+        with open(root.with_name(root.name + '.lock'), 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            generated = not up_to_date()
+            if generated:
+                # Build in a temp dir and rename at the end: an interrupted run never leaves
+                # a half-written dataset that looks complete.
+                tmp = root.with_name(root.name + '.tmp')
+                shutil.rmtree(tmp, ignore_errors=True)
+                with mp.Pool(workers or os.cpu_count()) as pool:
+                    _write_shapes(tmp, pool, n_train, n_val, image_size, seed, shard_size)
+                n_shards = math.ceil(n_train / shard_size)
+                (tmp / 'meta.json').write_text(json.dumps(dict(params=params, n_shards=n_shards), indent=1))
+                shutil.rmtree(root, ignore_errors=True)
+                tmp.rename(root)
     paths = shapes_paths(root)
     nbytes = sum(f.stat().st_size for f in root.rglob('*') if f.is_file())
     return dict(paths, n_train=n_train, n_val=n_val, n_classes=len(SHAPES_CLASSNAMES),

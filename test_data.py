@@ -1,4 +1,6 @@
 """Tests for data.py. Tiny datasets in tmp dirs; the whole file runs in seconds."""
+import builtins
+import errno
 import hashlib
 import io
 import json
@@ -71,6 +73,21 @@ def test_generation_deterministic_and_idempotent(tmp_path):
     (tmp_path / 'a' / 'meta.json').unlink()
     assert data.make_shapes(tmp_path / 'a', workers=1, **small)['generated']
     assert read_tree(tmp_path / 'a') == tree_a
+
+
+def test_a_complete_dataset_is_only_read(tmp_path, monkeypatch):
+    """A finished dataset on a read-only mount (a shared data folder) is used as it is: no lock file,
+    no write of any kind."""
+    small = dict(SMALL, n_train=40, n_val=30)
+    data.make_shapes(tmp_path / 's', workers=1, **small)
+
+    def read_only(file, mode='r', *args, **kwargs):
+        if any(c in mode for c in 'wax+'):
+            raise OSError(errno.EROFS, 'Read-only file system', str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(data, 'open', read_only, raising=False)  # data.py's own open() calls
+    again = data.make_shapes(tmp_path / 's', workers=1, **small)
+    assert not again['generated'] and again['n_train'] == 40 and again['n_shards'] == 3
 
 
 def test_concurrent_generation_is_safe(tmp_path):

@@ -121,6 +121,7 @@ def test_torchrun_ranks_share_the_epoch(ddp_run):
     assert start['world_size'] == 2
     assert [r['step'] for r in train_records(ddp_run)] == [3, 6]
     assert start['steps_per_epoch'] == 10  # 640 samples / (32 per rank x 2 ranks)
+    assert load_ckpt(ddp_run)['world_size'] == 2  # what a resume must run on (checked by init_model)
 
 
 def test_eval_only_reproduces_openclip_zero_shot(tmp_path):
@@ -345,6 +346,22 @@ def test_the_other_scripts_checkpoint_is_not_resumed(tmp_path, four_steps):
                       '--max_steps=8', check=False)
     assert proc.returncode != 0 and 'was written by train_clip.py, not train_cls.py' in proc.stderr
     assert 'Traceback' not in proc.stderr and load_ckpt(out)['step'] == 4
+
+
+def test_resume_on_another_number_of_ranks_is_refused(tmp_path, four_steps):
+    """The global batch, the epoch's length and the batches skipped to reach the checkpoint's place all
+    depend on the number of ranks: training goes on only on as many as the checkpoint was trained on."""
+    out = str(tmp_path / 'run')
+    shutil.copytree(four_steps, out)
+    ckpt = load_ckpt(out)
+    assert ckpt['world_size'] == 1
+    torch.save(dict(ckpt, world_size=2), os.path.join(out, 'ckpt.pt'))  # as if two torchrun ranks had written it
+    proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', check=False)
+    assert proc.returncode != 0 and 'trained on 2 processes, this run has 1' in proc.stderr
+    assert 'Traceback' not in proc.stderr and load_ckpt(out)['step'] == 4
+    # evaluation reads the weights only: any number of ranks may do it
+    run(TINY, f'--out_dir={out}', '--init_from=resume', '--eval_only=True')
+    assert 'zeroshot_top1' in records(out)[-1]
 
 
 def test_too_few_shards_for_the_workers_is_a_config_error(tmp_path):

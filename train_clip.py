@@ -113,7 +113,8 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 # (the batches skipped to reach its position); ToMe's settings may change only for evaluation (a plain
 # run's model evaluated with ToMe, training-free)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'] + (
-    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost']))
+    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost']),
+    world_size=None if eval_only else world_size)
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
 if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)

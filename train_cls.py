@@ -124,7 +124,8 @@ class Classifier(nn.Module):
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
 # resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
-                                                                     'batch_size'])
+                                                                     'batch_size'],
+                                    world_size=None if eval_only else world_size)
 if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
     raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
                      f"({', '.join(train_set.classes[:3])}, ...), the checkpoint's run {len(ckpt['classes'])} "

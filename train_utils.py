@@ -198,12 +198,13 @@ def new_model_args(config):
                 text=config['text'], **dtp)
 
 
-def init_model(config, ckpt_path, resume_keys=()):
+def init_model(config, ckpt_path, resume_keys=(), world_size=None):
     """(model, model_args, ckpt): the OpenCLIP model a run starts from, the arguments that rebuild its
     architecture, and the checkpoint it resumes (None unless init_from='resume'), whose weights the caller
     loads into its own module. A resumed run takes the architecture from the checkpoint, after refusing
-    settings in ARCH_SETTINGS or resume_keys that disagree with it (check_resume). model_args, which the
-    run's checkpoints store, has pretrained=None: from the first checkpoint on, the weights are in it."""
+    settings in ARCH_SETTINGS or resume_keys that disagree with it (check_resume), and, given world_size
+    (training goes on), another number of ranks. model_args, which the run's checkpoints store, has
+    pretrained=None: from the first checkpoint on, the weights are in it."""
     ckpt = None
     if config['init_from'] == 'resume':
         if not os.path.isfile(ckpt_path):
@@ -214,6 +215,13 @@ def init_model(config, ckpt_path, resume_keys=()):
             raise SystemExit(f"init_from='resume': {ckpt_path} was written by {ckpt['script']}, not {script}; resume "
                              f"it with {ckpt['script']}")
         check_resume(config, ckpt, [*ARCH_SETTINGS, *resume_keys], ckpt_path)
+        saved_ranks = ckpt.get('world_size', world_size)  # checkpoints before it was stored: not checked
+        if world_size is not None and saved_ranks != world_size:
+            # the global batch, the steps per epoch and the batches each rank skips to reach the checkpoint's
+            # place in its epoch all depend on it: resumed on other ranks, a run trains on other samples
+            raise SystemExit(f"init_from='resume': {ckpt_path} was trained on {saved_ranks} processes, this run has "
+                             f"{world_size}; resume it on {saved_ranks} (torchrun: nnodes x nproc_per_node = "
+                             f"{saved_ranks}), or start a new run in a new out_dir")
         model_args = ckpt['model_args']  # the architecture the checkpoint was trained with
     else:
         model_args = new_model_args(config)
@@ -401,8 +409,8 @@ def save_run(path, module, optimizer, scaler, step, loss, device, world_size, ma
     stop_if_not_finite([loss, *module.parameters()], step, path, device, world_size)
     if master:
         save_checkpoint(dict(model=unwrap(module).state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), step=step, script=os.path.basename(sys.argv[0]), **extra),
-                        path)
+                             scaler=scaler.state_dict(), step=step, script=os.path.basename(sys.argv[0]),
+                             world_size=world_size, **extra), path)
 
 
 def prepare_out_dir(out_dir, init_from, eval_only, master=True):

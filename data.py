@@ -418,12 +418,14 @@ def _worker():
 def _skip(skipped, exn, shard=False):
     """Count a bad sample (or unreadable shard) in shared memory and carry on. Returns True,
     which is how webdataset handlers say 'continue'. shard=True: the tar reader failed, and the
-    rest of the shard (up to all its samples, one count) is lost: always say which shard."""
+    rest of the shard (up to all its samples, one count) is lost, or (a member name repeated within a
+    sample) webdataset keeps the first and drops the repeat: always say which shard."""
     with skipped.get_lock():
         skipped.value += 1
         n = skipped.value
     if shard:
-        logging.warning(f'skipping the rest of a shard (#{n} skipped): {exn!r}')
+        lost = 'a repeated member of a sample' if 'duplicate file name' in str(exn) else 'the rest of a shard'
+        logging.warning(f'skipping {lost} (#{n} skipped): {exn!r}')
     elif n <= 10:  # a few warnings for diagnosis; the count itself is on loader.skipped()
         logging.warning(f'skipping bad sample #{n}: {exn!r}')
     return True

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import re
+import tarfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -406,6 +407,31 @@ def test_a_broken_shard_is_always_named(shapes, tokenizer, tmp_path, caplog):
                              train=False, workers=0)
     assert sum(len(b[0]) for b in loader) == 4 and loader.skipped() == 13
     assert 'x1.tar' in caplog.text
+
+
+def test_a_repeated_member_loses_no_sample(shapes, tokenizer, tmp_path, caplog):
+    """A sample with its image twice in the tar (a writer that retried): the first is kept, the repeat is
+    counted, and the warning says so rather than that the rest of the shard was lost."""
+    good = sorted(read_shard(data.expand_urls(shapes['shards'])[0]).items())[:8]
+    write_tar(tmp_path / 'x0.tar', good)
+    with tarfile.open(tmp_path / 'x0.tar') as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tmp_path / 'x0.tar', 'w') as tar:
+        for m, blob in members:
+            tar.addfile(m, io.BytesIO(blob))
+            if m.name == f'{good[3][0]}.jpg':  # the same name again, right after it (another sample's image)
+                again = tarfile.TarInfo(m.name)
+                again.size = len(good[0][1]['jpg'])
+                tar.addfile(again, io.BytesIO(good[0][1]['jpg']))
+    loader = data.wds_loader(str(tmp_path / 'x0.tar'), data.image_transforms(32)[1], tokenizer, batch_size=4,
+                             train=False, workers=0, with_labels=True)
+    images, _, labels = collect(loader)
+    assert len(images) == 8 and loader.skipped() == 1
+    assert labels.tolist() == [int(s['cls']) for _, s in good]
+    reference, _, _ = collect(data.wds_loader(shapes['shards'], data.image_transforms(32)[1], tokenizer, batch_size=8,
+                                              train=False, workers=0, with_labels=True))
+    assert torch.equal(images[3], reference[3]) and not torch.equal(images[3], images[0])  # the first one kept
+    assert 'repeated member' in caplog.text and 'rest of a shard' not in caplog.text
 
 
 def test_a_shard_cut_short_counts_its_lost_samples(shapes, tokenizer, tmp_path, caplog):

@@ -2,9 +2,11 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import torch
 
@@ -39,6 +41,27 @@ def run_script(script, *args, torchrun=False, check=True, timeout=600):
     proc = subprocess.run(launcher + [script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f'{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def terminate_mid_run(script, out_dir, *args, after_step=3):
+    """Start a training script (one process) that would run for long, send it SIGTERM once its log shows
+    step after_step, as a scheduler preempting the job (or torchrun passing the signal on) would, and
+    return the finished process (returncode, stdout and stderr read)."""
+    proc = subprocess.Popen([sys.executable, script, *args, f'--out_dir={out_dir}', '--log_interval=1'], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def reached():
+        try:
+            return any(r.get('step', 0) >= after_step and 'loss' in r for r in records(out_dir))
+        except (OSError, ValueError):  # no log yet, or a line caught half-written
+            return False
+    deadline = time.time() + 300
+    while not reached():
+        assert proc.poll() is None and time.time() < deadline, f'{script} ended or stalled before step {after_step}'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=300)
     return proc
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import load_ckpt, records, run_script, train_records
+from conftest import load_ckpt, records, run_script, terminate_mid_run, train_records
 from model import load_openclip
 from train_utils import cosine_lr
 
@@ -247,6 +247,22 @@ def test_missing_imagenet_fails_clearly(tmp_path):
 def test_zero_temperature_is_refused_up_front(tmp_path):
     proc = run(TINY, f'--out_dir={tmp_path}', '--temperature=0', check=False)  # a NaN loss, once
     assert proc.returncode != 0 and 'temperature=0.0: must be > 0' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path):
+    """A scheduler's SIGTERM mid-run (preemption, a time limit): the run finishes its step, saves it and
+    exits with a message; resumed, it ends with the weights of a run that was never stopped."""
+    stopped, straight = str(tmp_path / 'stopped'), str(tmp_path / 'straight')
+    proc = terminate_mid_run('train_cls.py', stopped, TINY, '--max_steps=100000', '--lr_decay_steps=60', '--ckpt_interval=1000')
+    assert proc.returncode != 0 and 'stopped by SIGTERM after step' in proc.stderr_text
+    assert 'Traceback' not in proc.stderr_text
+    step = load_ckpt(stopped)['step']
+    assert step >= 3 and step == train_records(stopped)[-1]['step']  # the last step it trained, not the last save
+    assert records(stopped)[-1] == dict(step=step, stopped_by='SIGTERM')
+    run(TINY, f'--out_dir={straight}', f'--max_steps={step + 3}', '--lr_decay_steps=60')
+    run(TINY, f'--out_dir={stopped}', f'--max_steps={step + 3}', '--lr_decay_steps=60', '--init_from=resume')
+    a, b = (load_ckpt(d)['model'] for d in (straight, stopped))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_is_bit_exact(tmp_path):

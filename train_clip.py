@@ -25,7 +25,7 @@ import data
 import flops
 import tome
 from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
-                         divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
+                         Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
                          shapes_data, step_seed, stop_if_not_finite, sync, together, unwrap, wrap_model)
@@ -213,6 +213,7 @@ window = defaultdict(float)  # sums over the current log interval (tensors stay 
 epoch_stats = defaultdict(float)
 if seen >= loader.num_batches:  # checkpointed at the end of an epoch
     epoch, seen = epoch + 1, 0
+preempted = Preemption(world_size, device)  # SIGTERM: save after this step and exit
 while step < total_steps:
     loader.set_epoch(epoch)
     reset_peak_memory(device)
@@ -223,6 +224,8 @@ while step < total_steps:
         got = sum(1 for _ in itertools.islice(batches, seen))
     t0 = time.perf_counter()
     for images, texts in together(batches, world_size, device):
+        if preempted():  # before this batch counts as seen: the resumed run trains on it
+            preempted.stop(checkpoint, log, step, ckpt_path)
         got += 1
         # Gumbel noise from a seed per rank and step: a resumed run draws what the uninterrupted one drew
         torch.manual_seed(step_seed(seed, rank, step))

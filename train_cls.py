@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data
 from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
-                         divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
+                         Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
                          shapes_data, step_seed, stop_if_not_finite, sync, unwrap, wrap_model)
@@ -231,6 +231,7 @@ log(dict(params_M=sum(p.numel() for p in net.parameters()) / 1e6,
 bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
 model.train()
 window = defaultdict(float)  # sums over the current log interval (tensors stay on the device until logged)
+preempted = Preemption(world_size, device)  # SIGTERM: save after this step and exit
 while step < total_steps:
     epoch, seen = divmod(step, steps_per_epoch)
     sampler.set_epoch(epoch)
@@ -247,6 +248,8 @@ while step < total_steps:
     torch.manual_seed(step_seed(seed, rank, step))
     t0 = time.perf_counter()
     for batch in batches:
+        if preempted():
+            preempted.stop(checkpoint, log, step, ckpt_path)
         if batch is None:  # not a step: under DDP the other ranks would wait for this one forever
             raise SystemExit(f'{data_root}/train: every image of a batch is unreadable '
                              f'({train_set.skipped.value} skipped so far); check the data')

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -275,6 +276,36 @@ def finish_distributed(parameters, world_size, step, log):
     teardown_distributed()
     if not in_sync:
         raise RuntimeError('the DDP replicas hold different weights')
+
+
+class Preemption:
+    """SIGTERM (a scheduler preempting or timing out the job; torchrun passes it on to every rank) makes
+    the run stop after the step in progress, save its checkpoint and exit, instead of dying mid-step
+    and losing every step since the last checkpoint. Calling it says whether to stop now: under DDP
+    the ranks agree (one all_reduce per step), so that all stop after the same step."""
+
+    def __init__(self, world_size, device):
+        self.world_size, self.device, self.signalled = world_size, device, False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signalled = True
+
+    def __call__(self):
+        if self.world_size == 1:
+            return self.signalled
+        flag = torch.tensor(int(self.signalled), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop(self, save, log, step, ckpt_path):
+        """Save (every rank calls it), log it and end the run with a message that says how to go on."""
+        save()
+        log(dict(step=step, stopped_by='SIGTERM'))
+        if self.world_size > 1:
+            teardown_distributed()
+        raise SystemExit(f'stopped by SIGTERM after step {step}; {ckpt_path} holds that step: continue '
+                         f'with --init_from=resume')
 
 
 def wrap_model(module, compile, world_size, device):

@@ -51,8 +51,9 @@ class DTPConfig:
                                    # their mean colour does) or 'none' (plain ViT)
     compression: float = 4.0       # target patches per segment; the boundary prior is 1 / compression
     temperature: float = 0.5       # Gumbel-Sigmoid temperature (it only scales the gradient, see below)
-    train_boundaries: str = 'bernoulli'  # training samples: 'bernoulli' (the paper: each patch on its own)
-                                   # or 'topk' (Gumbel-top-k: exactly the count evaluation takes)
+    train_boundaries: str = 'bernoulli'  # training samples: 'bernoulli' (the paper: each patch on its own),
+                                   # 'topk' (Gumbel-top-k: exactly the count evaluation takes) or
+                                   # 'reinforce' (top-k samples; the predictor learns by REINFORCE)
     position_prior: float = 0.0    # > 0: a learned per-position logit bias, initialised to +-this at the
                                    # evenly spaced boundaries, so the predictor starts as fixed pooling
     detach_predictor_input: bool = False  # True: the predictor reads the pre-layer tokens without sending
@@ -73,7 +74,7 @@ class DTPConfig:
     def __post_init__(self):
         choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'color', 'none'),
                        eval_boundaries=('topk', 'threshold'), pool=('cls', 'mean'), scan=('raster', 'hilbert'),
-                       train_boundaries=('bernoulli', 'topk'))
+                       train_boundaries=('bernoulli', 'topk', 'reinforce'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -85,6 +86,9 @@ class DTPConfig:
             raise ValueError(f"DTPConfig.temperature={self.temperature}: must be > 0")
         if not self.boundary_noise >= 0:
             raise ValueError(f"DTPConfig.boundary_noise={self.boundary_noise}: must be >= 0 (0: no noise)")
+        if self.train_boundaries == 'reinforce' and not self.boundary_noise > 0:
+            raise ValueError("DTPConfig.train_boundaries='reinforce' needs boundary_noise > 0: REINFORCE learns from "
+                             "the samples' differences, and without noise every sample is the same")
         if not self.position_prior >= 0:
             raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
         if self.extent_embedding and self.boundary == 'none':
@@ -240,6 +244,26 @@ def gumbel_topk(logits, k, temperature, noise=1.0, eps=1e-6):
     return hard + (soft - soft.detach())
 
 
+def sampled_topk(logits, k, noise=1.0, eps=1e-6):
+    """REINFORCE's sampler: k boundaries per image (the last patch one of them), drawn as gumbel_topk
+    draws them but hard, without a gradient, and the log-probability of the draw, (B,). Keeping the
+    k - 1 largest of logits / noise + Gumbel noise draws k - 1 patches one after another, each from a
+    softmax over the patches not drawn yet (Plackett-Luce), so the draw's log-probability, in its
+    order, is the sum of those k - 1 log-softmaxes: what REINFORCE differentiates."""
+    B, N = logits.shape
+    if k >= N:
+        return torch.ones_like(logits), logits.new_zeros(B)
+    scores = logits[:, :-1] / noise  # the last patch is a boundary anyway: not drawn
+    u = torch.rand_like(scores).clamp(eps, 1 - eps)
+    order = (scores.detach() - torch.log(-torch.log(u))).argsort(dim=1, descending=True)
+    ranked = scores.gather(1, order)
+    remaining = torch.logcumsumexp(ranked.flip(1), dim=1).flip(1)  # logsumexp of those not drawn before
+    log_prob = (ranked - remaining)[:, :k - 1].sum(dim=1)
+    hard = torch.ones_like(logits)
+    hard[:, :-1] = torch.zeros_like(scores).scatter_(1, order[:, :k - 1], 1.0)
+    return hard, log_prob
+
+
 def topk_boundaries(logits, k):
     """Exactly k boundaries per image at the most probable positions (the last patch is one of them)."""
     logits = torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float('inf'))], dim=1)
@@ -352,6 +376,8 @@ class DTPViT(nn.Module):
             N = cfg.n_patches
             p = min(max((N / cfg.compression - 1) / max(N - 1, 1), 1e-6), 1 - 1e-6)
             nn.init.constant_(self.predictor[-1].bias, math.log(p / (1 - p)))
+            if cfg.train_boundaries == 'reinforce':  # start exactly at the position prior (or uniform draws)
+                nn.init.zeros_(self.predictor[-1].weight)
             if cfg.position_prior > 0:
                 # Where boundaries sit when the content says nothing: at first, fixed pooling's
                 # evenly spaced ones. Kept under predictor.* (the predictor's new weights), added to
@@ -372,11 +398,12 @@ class DTPViT(nn.Module):
 
     def predict_boundaries(self, patches, images=None):
         """(B, N) 0/1 boundaries for the patch tokens after the pre-layers (in scan order), by the
-        configured rule, and the predictor's (B, N) logits (None for the rules without a predictor)."""
+        configured rule, the predictor's (B, N) logits (None for the rules without a predictor) and,
+        training with REINFORCE, the (B,) log-probability of the sampled boundaries (else None)."""
         cfg = self.cfg
         B, N, _ = patches.shape
         if cfg.boundary == 'fixed':
-            return fixed_boundaries(B, N, cfg.n_segments, patches.device), None
+            return fixed_boundaries(B, N, cfg.n_segments, patches.device), None, None
         if cfg.boundary == 'color':
             # Cuts from the pixels, not the features: close a segment after patch t where the mean
             # colour of patch t + 1 differs most from its own (Euclidean, in the normalised input).
@@ -386,7 +413,7 @@ class DTPViT(nn.Module):
             if cfg.scan != 'raster':
                 rgb = rgb.index_select(1, self.scan_order)
             change = (rgb[:, :-1] - rgb[:, 1:]).norm(dim=-1)     # (B, N - 1)
-            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None
+            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None, None
         if cfg.boundary == 'cosine':
             # A router without weights (H-Net's cosine router with identity projections): close a
             # segment after patch t where patch t + 1 looks least like it (cosine of their features),
@@ -394,21 +421,25 @@ class DTPViT(nn.Module):
             # plain ViT as it is; in training it is deterministic and sends no gradient.
             h = F.normalize(patches.detach().float(), dim=-1)
             change = 1 - (h[:, :-1] * h[:, 1:]).sum(dim=-1)        # (B, N - 1), in [0, 2]
-            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None
+            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None, None
         # float32 even under autocast: in fp16 the relaxed-Bernoulli probabilities became NaN.
         with torch.autocast(patches.device.type, enabled=False):
-            inputs = patches.detach() if cfg.detach_predictor_input else patches
-            logits = float32_call(self.predictor, inputs).squeeze(-1)
+            # REINFORCE's gradient is the predictor's alone: the backbone learns from the task only
+            detach = cfg.detach_predictor_input or cfg.train_boundaries == 'reinforce'
+            logits = float32_call(self.predictor, patches.detach() if detach else patches).squeeze(-1)
             if cfg.position_prior > 0:
                 logits = logits + self.predictor.position_bias.float()
+            if self.training and cfg.train_boundaries == 'reinforce':
+                b, log_prob = sampled_topk(logits, cfg.n_segments, cfg.boundary_noise)
+                return b, logits, log_prob
         if self.training:
             if cfg.train_boundaries == 'topk':
-                return gumbel_topk(logits, cfg.n_segments, cfg.temperature, cfg.boundary_noise), logits
-            return gumbel_sigmoid(logits, cfg.temperature, cfg.boundary_noise), logits
+                return gumbel_topk(logits, cfg.n_segments, cfg.temperature, cfg.boundary_noise), logits, None
+            return gumbel_sigmoid(logits, cfg.temperature, cfg.boundary_noise), logits, None
         # Eval is deterministic: no noise, so an image always gets the same segments.
         if cfg.eval_boundaries == 'topk':
-            return topk_boundaries(logits, cfg.n_segments), logits
-        return (logits > 0).float(), logits
+            return topk_boundaries(logits, cfg.n_segments), logits, None
+        return (logits > 0).float(), logits, None
 
     def forward(self, images, boundaries=None):
         """images (B, 3, H, W) -> (features (B, embed_dim), aux).
@@ -419,7 +450,8 @@ class DTPViT(nn.Module):
         aux: boundary_loss (scalar), n_segments (B,), compression (patches per segment over the
         whole batch), segment_ids (B, N): the segment of every patch in row-major grid order;
         boundaries (B, N) and, when there is a predictor, boundary_logits (B, N), both in scan order
-        (patch i of the scan is patch scan_order[i] of the grid).
+        (patch i of the scan is patch scan_order[i] of the grid); training with REINFORCE,
+        boundary_log_prob (B,), the log-probability of each image's sampled boundaries.
         """
         cfg = self.cfg
         if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
@@ -449,15 +481,15 @@ class DTPViT(nn.Module):
         cfg = self.cfg
         B, N = x.shape[0], x.shape[1] - 1
         if cfg.boundary == 'none':
-            b, logits, packing = x.new_ones(B, N, dtype=torch.float32), None, None
+            b, logits, log_prob, packing = x.new_ones(B, N, dtype=torch.float32), None, None, None
             sizes = b
         else:
             patches = x[:, 1:]
             if cfg.scan != 'raster':  # segments are runs of consecutive patches in scan order
                 patches = patches.index_select(1, self.scan_order)
-            b, logits = self.predict_boundaries(patches, images)
+            b, logits, log_prob = self.predict_boundaries(patches, images)
             if boundaries is not None:
-                b = boundaries.to(device=x.device, dtype=torch.float32)
+                b, log_prob = boundaries.to(device=x.device, dtype=torch.float32), None
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
             segments, real, sizes = pool_segments(patches, b)
@@ -480,6 +512,8 @@ class DTPViT(nn.Module):
                    segment_sizes=sizes, compression=N / n_segments.float().mean())
         if logits is not None:
             aux['boundary_logits'] = logits
+        if log_prob is not None:  # train_boundaries='reinforce': see reinforce_loss in train_utils.py
+            aux['boundary_log_prob'] = log_prob
         return x, packing, aux
 
     def extent(self, b, n_segments):

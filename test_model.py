@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import model as M
 from model import CLIP, DTPConfig, DTPViT, load_openclip
+from train_utils import reinforce_loss
 
 TEXT_TINY = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 
@@ -592,6 +593,78 @@ def test_position_prior_starts_as_fixed_pooling_and_learns():
     assert 'predictor.position_bias' in dict(vit.named_parameters())  # new weights, like the predictor's
 
 
+# REINFORCE (train_boundaries='reinforce') ----------------------------------------------------------
+
+def test_reinforce_draws_are_plackett_luce_and_their_log_probability_is_exact():
+    """One patch drawn (k = 2, the last patch being the other boundary): the draw's log-probability is the
+    log-softmax of logits / noise at the drawn patch, and draws come at those frequencies."""
+    torch.manual_seed(0)
+    logits = torch.tensor([1.0, -0.5, 0.3, 2.0, 0.0]).expand(40000, 5)
+    for noise in (1.0, 0.5):
+        hard, log_prob = M.sampled_topk(logits, 2, noise)
+        assert hard.sum(1).eq(2).all() and hard[:, -1].eq(1).all()
+        drawn = hard[:, :-1].argmax(1)
+        expected = torch.log_softmax(logits[:, :-1] / noise, 1).gather(1, drawn[:, None]).squeeze(1)
+        assert torch.allclose(log_prob, expected, atol=1e-6)
+        frequency = torch.bincount(drawn, minlength=4) / len(drawn)
+        assert torch.allclose(frequency, torch.softmax(logits[0, :-1] / noise, 0), atol=0.01)
+
+
+def test_reinforce_learns_to_draw_the_rewarded_boundary():
+    """REINFORCE on bare logits, 3 patches drawn of 15 (ordered draws): a loss of 0 for the draws that
+    cut after patch 5 and 1 for the others makes that cut nearly certain (1 in 5 at first)."""
+    torch.manual_seed(0)
+    logits = torch.zeros(16, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=0.5)
+    for _ in range(200):
+        hard, log_prob = M.sampled_topk(logits.expand(64, 16), 4)
+        optimizer.zero_grad()
+        reinforce_loss(1 - hard[:, 5], log_prob).backward()
+        optimizer.step()
+    hard, _ = M.sampled_topk(logits.detach().expand(2000, 16), 4)
+    assert hard[:, 5].mean() > 0.95 and hard.sum(1).eq(4).all()
+
+
+def test_reinforce_trains_the_predictor_alone_from_the_task_loss():
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(train_boundaries='reinforce', position_prior=2.0, compression=4))
+    fixed = DTPViT(tiny(boundary='fixed', compression=4)).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # it starts exactly at its prior, fixed pooling, and evaluates deterministically
+        assert torch.equal(vit.eval()(images)[1]['segment_ids'], fixed(images)[1]['segment_ids'])
+        assert torch.equal(vit(images)[0], vit(images)[0])
+    features, aux = vit.train()(images)
+    assert aux['n_segments'].tolist() == [16] * 4 and aux['boundary_log_prob'].shape == (4,)
+    task = features.square().sum(1)  # each image's own task loss
+    # The task loss itself sends the predictor nothing (hard samples, detached input) ...
+    task.sum().backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in vit.predictor.parameters())
+    backbone = {n: p.grad.clone() for n, p in vit.named_parameters() if 'predictor' not in n}
+    assert backbone['conv1.weight'].any()
+    # ... REINFORCE on it does, and to the predictor alone.
+    reinforce_loss(task, aux['boundary_log_prob']).backward()
+    assert vit.predictor.position_bias.grad.any() and vit.predictor[-1].weight.grad.any()
+    assert all(torch.equal(p.grad, backbone[n]) for n, p in vit.named_parameters() if 'predictor' not in n)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_reinforce_in_mixed_precision_is_finite(dtype):
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(train_boundaries='reinforce', compression=4, extent_embedding=True)).train()
+    with torch.autocast('cpu', dtype=dtype):
+        features, aux = vit(torch.randn(4, 3, 32, 32))
+        task = features.float().square().sum(1)
+    loss = task.mean() + reinforce_loss(task, aux['boundary_log_prob'])
+    loss.backward()
+    assert torch.isfinite(loss) and vit.predictor[-1].weight.grad.any()
+    assert all(torch.isfinite(p.grad).all() for p in vit.parameters() if p.grad is not None)
+
+
+def test_reinforce_needs_noise():
+    with pytest.raises(ValueError, match="reinforce' needs boundary_noise > 0"):
+        DTPConfig(train_boundaries='reinforce', boundary_noise=0.0)
+
+
 @pytest.mark.parametrize('temperature', [0.0, -0.5])
 def test_temperature_must_be_positive(temperature):
     with pytest.raises(ValueError, match=r'DTPConfig\.temperature=.*must be > 0'):
@@ -693,7 +766,7 @@ def test_cosine_router_cuts_where_the_tokens_change_without_training():
     runs = torch.randn(2, 4, 1, 32).expand(2, 4, 16, 32).reshape(2, 64, 32)
     patches = runs + 0.05 * torch.randn(2, 64, 32)
     for mode in (vit.train(), vit.eval()):
-        b, logits = mode.predict_boundaries(patches)
+        b, logits, _ = mode.predict_boundaries(patches)
         assert logits is None
         assert [row.nonzero().flatten().tolist() for row in b] == [[15, 31, 47, 63]] * 2
     images = torch.randn(4, 3, 32, 32)

@@ -1,4 +1,5 @@
 """End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
+import math
 import os
 import shutil
 
@@ -331,7 +332,7 @@ def test_a_new_run_never_replaces_a_checkpoint(four_steps):
 
 @pytest.mark.parametrize('arg', ['--pre_layers=2', '--boundary=none', '--compression=2.0',
                                  "--vision={'image_size': 64}", '--batch_size=16', '--seed=1',
-                                 '--train_num_samples=256'])
+                                 '--train_num_samples=256', '--router_lr_scale=10.0'])
 def test_resume_refuses_conflicting_settings(four_steps, arg):
     proc = run(TINY, f'--out_dir={four_steps}', '--max_steps=8', '--init_from=resume', arg, check=False)
     key = arg[2:].split('=')[0]
@@ -393,6 +394,18 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
     run(TINY, f'--out_dir={stopped}', f'--max_steps={step + 3}', '--lr_decay_steps=60', '--init_from=resume')
     a, b = (load_ckpt(d)['model'] for d in (straight, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', '--log_interval=2', '--train_boundaries=reinforce', '--position_prior=2.0',
+        '--router_lr_scale=10')
+    lines = train_records(out)
+    assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)  # k per image
+    weights = load_ckpt(out)['model']
+    assert weights['visual.predictor.3.weight'].any()  # zero at the start: REINFORCE moved it
+    assert not torch.equal(weights['visual.predictor.position_bias'].abs(),
+                           torch.full_like(weights['visual.predictor.position_bias'], 2.0))
 
 
 def test_resume_is_bit_exact(tmp_path):

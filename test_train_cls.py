@@ -1,5 +1,6 @@
 """End-to-end tests of train_cls.py on the built-in shapes folders, with a tiny model (config/shapes_cls_tiny.py)
 or a small random OpenCLIP checkpoint standing in for a pretrained one."""
+import math
 import os
 import shutil
 from collections import Counter
@@ -263,6 +264,18 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
     run(TINY, f'--out_dir={stopped}', f'--max_steps={step + 3}', '--lr_decay_steps=60', '--init_from=resume')
     a, b = (load_ckpt(d)['model'] for d in (straight, stopped))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path):
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=2', '--train_boundaries=reinforce', '--position_prior=2.0',
+        '--router_lr_scale=10')
+    lines = train_records(out)
+    assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)  # k per image
+    weights = load_ckpt(out)['model']
+    assert weights['visual.predictor.3.weight'].any()  # zero at the start: REINFORCE moved it
+    assert not torch.equal(weights['visual.predictor.position_bias'].abs(),
+                           torch.full_like(weights['visual.predictor.position_bias'], 2.0))
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -88,6 +88,26 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
     assert len(decay_names) + len(no_decay_names) == len(names)
 
 
+def test_router_lr_scale_gives_the_predictor_groups_of_its_own():
+    from model import CLIP, DTPConfig
+    from train_utils import set_lr
+    model = CLIP(DTPConfig(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1, short_layers=1,
+                           embed_dim=16, position_prior=2.0), dict(context_length=8, width=32, heads=2, layers=1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model.named_parameters(), 0.1, router_lr_scale=10.0)
+    optimizer = torch.optim.AdamW(groups)
+    set_lr(optimizer, 1e-3)
+    router = {names[id(p)]: (g['lr'], g['weight_decay']) for g in optimizer.param_groups for p in g['params']
+              if 'predictor' in names[id(p)]}
+    assert router == {'visual.predictor.0.weight': (1e-2, 0.0), 'visual.predictor.0.bias': (1e-2, 0.0),
+                      'visual.predictor.1.weight': (1e-2, 0.1), 'visual.predictor.1.bias': (1e-2, 0.0),
+                      'visual.predictor.3.weight': (1e-2, 0.1), 'visual.predictor.3.bias': (1e-2, 0.0),
+                      'visual.predictor.position_bias': (1e-2, 0.0)}
+    assert all(g['lr'] == 1e-3 for g in optimizer.param_groups[:2])  # everything else, as without the scale
+    assert sum(len(g['params']) for g in groups) == len(names)
+    assert len(param_groups(model.named_parameters(), 0.1)) == 2  # scale 1: the two groups as before
+
+
 def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pt'
     save_checkpoint({'step': 1}, path)

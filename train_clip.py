@@ -18,6 +18,7 @@ from collections import defaultdict
 import open_clip
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from open_clip import zero_shot_metadata
 from tqdm import tqdm
 
@@ -28,7 +29,8 @@ from train_utils import (accumulate, autocast, check_settings, config_keys, conf
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         shapes_data, step_seed, stop_if_not_finite, sync, together, unwrap, wrap_model)
+                         reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, together, unwrap,
+                         wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -54,7 +56,8 @@ boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosi
                             # or 'none'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
-train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
+train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'topk' (exactly eval's count) or
+                                # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each pair's loss)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
@@ -77,6 +80,7 @@ lr_decay_steps = 0          # length of the cosine schedule (0: the total number
 weight_decay = 0.1
 boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
 grad_clip = 1.0             # max gradient norm (0: off)
+router_lr_scale = 1.0       # the boundary predictor's lr, relative to lr
 precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
 compile = False             # torch.compile the model
 seed = 0
@@ -113,7 +117,7 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 # (the batches skipped to reach its position); ToMe's settings may change only for evaluation (a plain
 # run's model evaluated with ToMe, training-free)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'] + (
-    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost']),
+    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost', 'router_lr_scale']),
     world_size=None if eval_only else world_size)
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
@@ -184,8 +188,8 @@ except ValueError as e:
     raise SystemExit(f'train_data={train_data!r}: {e}; use more shards or samples, or fewer workers or a smaller '
                      f'batch_size')
 total_steps = max_steps or epochs * loader.num_batches
-optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
-                              fused=True)
+optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay, router_lr_scale), lr=lr,
+                              betas=(0.9, 0.98), eps=1e-6, fused=True)
 scaler = grad_scaler(precision, device)
 step = 0
 epoch, seen = 0, 0  # the epoch and how many of its batches were trained on
@@ -198,6 +202,16 @@ if ckpt is not None:
 loss_fn = open_clip.ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank,
                              world_size=world_size)
 model = wrap_model(clip, compile, world_size, device)
+
+
+def pair_losses(out):
+    """Each local image-text pair's own contrastive loss, (B,): the mean of its image's and its text's
+    cross-entropy, from ClipLoss's own logits (over the global batch under DDP), whose mean is ClipLoss."""
+    with torch.no_grad():
+        per_image, per_text = loss_fn.get_logits(out['image_features'], out['text_features'], out['logit_scale'])
+        labels = loss_fn.get_ground_truth(per_image.device, per_image.shape[0])
+        return (F.cross_entropy(per_image.float(), labels, reduction='none')
+                + F.cross_entropy(per_text.float(), labels, reduction='none')) / 2
 
 
 def checkpoint():
@@ -237,6 +251,9 @@ while step < total_steps:
             out = model(images, texts)
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
+            if 'boundary_log_prob' in out:  # REINFORCE: a pair's own loss is the reward of its image's boundaries
+                reinforce = reinforce_loss(pair_losses(out), out['boundary_log_prob'])
+                loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, clip.parameters(), grad_clip)
         with torch.no_grad():  # as OpenCLIP: a temperature below 1/100 makes the loss unstable
             unwrap(clip).logit_scale.clamp_(0, math.log(100))
@@ -245,6 +262,8 @@ while step < total_steps:
         step += 1
         seen += 1
 
+        if 'boundary_log_prob' in out:
+            accumulate(dict(reinforce=reinforce), window)
         accumulate(dict(loss=loss, contrastive=contrastive, boundary=out['boundary_loss'],
                         compression=out['compression'], step_time=t2 - t1, data_time=t1 - t0, n=1), window)
         accumulate(dict(step_time=t2 - t1, n=1), epoch_stats)

@@ -30,7 +30,7 @@ from train_utils import (accumulate, autocast, check_settings, config_keys, conf
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         shapes_data, step_seed, stop_if_not_finite, sync, unwrap, wrap_model)
+                         reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -55,7 +55,8 @@ boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosi
                             # or 'none'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
-train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper) or 'topk' (exactly eval's count)
+train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'topk' (exactly eval's count) or
+                                # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each image's loss)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
@@ -79,6 +80,7 @@ weight_decay = 0.05
 label_smoothing = 0.1
 boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
 grad_clip = 1.0             # max gradient norm (0: off)
+router_lr_scale = 1.0       # the boundary predictor's lr, relative to lr
 precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
 compile = False             # torch.compile the model
 seed = 0
@@ -124,7 +126,7 @@ class Classifier(nn.Module):
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
 # resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
-                                                                     'batch_size'],
+                                                                     'batch_size', 'router_lr_scale'],
                                     world_size=None if eval_only else world_size)
 if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
     raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
@@ -171,11 +173,13 @@ def is_new(name):
 if freeze_backbone:
     for name, p in net.named_parameters():
         p.requires_grad_(is_new(name))
-# AdamW groups (weight decay or not) x (new, at lr; or pretrained, at lr * backbone_lr_scale)
+# AdamW groups (weight decay or not) x (new, at lr; or pretrained, at lr * backbone_lr_scale); the
+# boundary predictor, new, at lr * router_lr_scale
 groups = []
 for new, lr_scale in [(True, 1.0), (False, backbone_lr_scale if pretrained else 1.0)]:
     named = [(n, p) for n, p in net.named_parameters() if is_new(n) == new]
-    groups += [dict(g, lr_scale=lr_scale) for g in param_groups(named, weight_decay) if g['params']]
+    groups += [dict(g, lr_scale=g.get('lr_scale', 1.0) * lr_scale)
+               for g in param_groups(named, weight_decay, router_lr_scale) if g['params']]
 
 val_loader = data.folder_loader(data_root, 'val', val_transform, batch_size, workers=workers) if master else None
 # On shapes the objects' exact masks are known, so validation also measures how well segments follow them.
@@ -261,12 +265,19 @@ while step < total_steps:
             logits, aux = model(images)
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
+            if 'boundary_log_prob' in aux:  # REINFORCE: an image's own loss is the reward of its boundaries
+                per_image = F.cross_entropy(logits.float().detach(), labels, reduction='none',
+                                            label_smoothing=label_smoothing)
+                reinforce = reinforce_loss(per_image, aux['boundary_log_prob'])
+                loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, net.parameters(), grad_clip)
         sync(device)
         t2 = time.perf_counter()
         step += 1
         torch.manual_seed(step_seed(seed, rank, step))
 
+        if 'boundary_log_prob' in aux:
+            accumulate(dict(reinforce=reinforce), window)
         accumulate(dict(loss=loss, ce=ce, boundary=aux['boundary_loss'], compression=aux['compression'],
                         step_time=t2 - t1, data_time=t1 - t0, n=1), window, epoch_stats)
         bar.update()

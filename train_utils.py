@@ -155,6 +155,7 @@ def check_settings(config):
     for key, low in (('batch_size', 1), ('log_interval', 1), ('ckpt_interval', 1), ('eval_interval', 0),
                      ('epochs', 0), ('max_steps', 0), ('warmup_steps', 0), ('lr', 0), ('min_lr', 0),
                      ('lr_decay_steps', 0), ('workers', 0), ('weight_decay', 0), ('boundary_loss_weight', 0),
+                     ('router_lr_scale', 0),
                      ('grad_clip', 0)):  # a negative grad_clip would flip the gradients: the run climbs the loss
         if key in config and not config[key] >= low:
             refuse(f'{key}={config[key]!r}: must be >= {low}' + (' (0: off)' if key == 'grad_clip' else ''))
@@ -354,16 +355,33 @@ def reset_peak_memory(device):
 # ----------------------------------------------------------------------------------------------
 # optimisation and checkpoints
 
-def param_groups(named_parameters, weight_decay):
+def param_groups(named_parameters, weight_decay, router_lr_scale=1.0):
     """AdamW groups: no weight decay on norms, biases, embeddings, logit_scale (vectors, scalars and
-    the position/token embeddings), as OpenCLIP and nanoGPT do."""
-    decay, no_decay = [], []
+    the position/token embeddings), as OpenCLIP and nanoGPT do. With router_lr_scale != 1 the boundary
+    predictor (`predictor.` parameters) gets groups of its own, at lr x router_lr_scale (set_lr)."""
+    groups = {}  # (decay, router) -> parameters
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or 'embedding' in name or 'logit_scale' in name
-        (no_decay if skip else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        decay = not (p.ndim < 2 or 'embedding' in name or 'logit_scale' in name)
+        router = router_lr_scale != 1 and 'predictor.' in name
+        groups.setdefault((decay, router), []).append(p)
+    return [dict(params=groups.get((decay, False), []), weight_decay=weight_decay if decay else 0.0)
+            for decay in (True, False)] + \
+           [dict(params=groups[decay, True], weight_decay=weight_decay if decay else 0.0, lr_scale=router_lr_scale)
+            for decay in (True, False) if (decay, True) in groups]
+
+
+def reinforce_loss(sample_losses, log_prob):
+    """REINFORCE for the boundary predictor (DTPConfig.train_boundaries='reinforce'): each image's
+    boundaries were sampled with log-probability log_prob (B,), and their reward is minus the image's
+    own task loss (sample_losses, (B,)). Minimising this makes the boundaries of an image that came out
+    better than the batch's average more likely, and those of a worse one less. The advantage is
+    normalised over the batch (its mean the baseline, its spread the unit), so the step does not
+    depend on the scale of the loss. The predictor's only gradient: its samples are hard 0/1 values."""
+    advantage = sample_losses.detach().float()
+    advantage = (advantage.mean() - advantage) / (advantage.std(correction=0) + 1e-6)
+    return -(advantage * log_prob).mean()
 
 
 def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):

@@ -251,6 +251,7 @@ SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layer
     (dict(ckpt_interval=0), r'ckpt_interval=0: must be >= 1'),
     (dict(epochs=0, max_steps=0), r'epochs=0 and max_steps=0: nothing to train'),
     (dict(grad_clip=-1.0), r'grad_clip=-1.0: must be >= 0 \(0: off\)'),  # negative: gradient ascent, silently
+    (dict(router_lr_scale=-1.0), r'router_lr_scale=-1.0: must be >= 0'),
     (dict(workers=-1), r'workers=-1: must be >= 0'),
     (dict(label_smoothing=1.5), r'label_smoothing=1.5: must be between 0 and 1'),
     (dict(imagenet_val=5), r'imagenet_val=5: expected the path'),

@@ -254,7 +254,8 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
     """A scheduler's SIGTERM mid-run (preemption, a time limit): the run finishes its step, saves it and
     exits with a message; resumed, it ends with the weights of a run that was never stopped."""
     stopped, straight = str(tmp_path / 'stopped'), str(tmp_path / 'straight')
-    proc = terminate_mid_run('train_cls.py', stopped, TINY, '--max_steps=100000', '--lr_decay_steps=60', '--ckpt_interval=1000')
+    proc = terminate_mid_run('train_cls.py', stopped, TINY, '--max_steps=100000', '--lr_decay_steps=60',
+                             '--ckpt_interval=1000')
     assert proc.returncode != 0 and 'stopped by SIGTERM after step' in proc.stderr_text
     assert 'Traceback' not in proc.stderr_text
     step = load_ckpt(stopped)['step']
@@ -268,8 +269,8 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
 
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path):
     out = str(tmp_path / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=2', '--train_boundaries=reinforce', '--position_prior=2.0',
-        '--router_lr_scale=10')
+    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=2',
+        '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10')
     lines = train_records(out)
     assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)  # k per image
     weights = load_ckpt(out)['model']

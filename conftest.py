@@ -1,6 +1,7 @@
 """Helpers shared by the test files."""
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -79,3 +80,35 @@ def train_records(out_dir):
 def load_ckpt(out_dir):
     """A run's ckpt.pt."""
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
+
+
+def check_sigterm_loses_nothing(script, config, tmp_path):
+    """A scheduler's SIGTERM mid-run (preemption, a time limit): the run finishes its step, saves it and
+    exits with a message; resumed, it ends with the weights of a run that was never stopped."""
+    stopped, straight = str(tmp_path / 'stopped'), str(tmp_path / 'straight')
+    proc = terminate_mid_run(script, stopped, config, '--max_steps=100000', '--lr_decay_steps=60',
+                             '--ckpt_interval=1000')
+    assert proc.returncode != 0 and 'stopped by SIGTERM after step' in proc.stderr_text
+    assert 'Traceback' not in proc.stderr_text
+    step = load_ckpt(stopped)['step']
+    assert step >= 3 and step == train_records(stopped)[-1]['step']  # the last step it trained, not the last save
+    assert records(stopped)[-1] == dict(step=step, stopped_by='SIGTERM')
+    run_script(script, config, f'--out_dir={straight}', f'--max_steps={step + 3}', '--lr_decay_steps=60')
+    run_script(script, config, f'--out_dir={stopped}', f'--max_steps={step + 3}', '--lr_decay_steps=60',
+               '--init_from=resume')
+    a, b = (load_ckpt(d)['model'] for d in (straight, stopped))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_reinforce_run(script, config, tmp_path, steps):
+    """A short train_boundaries='reinforce' run: exactly the target compression (k boundaries per image)
+    on every log line, a finite REINFORCE term, and a predictor that moved from where it started."""
+    out = str(tmp_path / 'run')
+    run_script(script, config, f'--out_dir={out}', f'--max_steps={steps}', '--log_interval=2',
+               '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10')
+    lines = train_records(out)
+    assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)
+    weights = load_ckpt(out)['model']
+    assert weights['visual.predictor.3.weight'].any()  # zero at the start: REINFORCE moved it
+    assert not torch.equal(weights['visual.predictor.position_bias'].abs(),
+                           torch.full_like(weights['visual.predictor.position_bias'], 2.0))

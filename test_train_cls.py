@@ -1,6 +1,5 @@
 """End-to-end tests of train_cls.py on the built-in shapes folders, with a tiny model (config/shapes_cls_tiny.py)
 or a small random OpenCLIP checkpoint standing in for a pretrained one."""
-import math
 import os
 import shutil
 from collections import Counter
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import load_ckpt, records, run_script, terminate_mid_run, train_records
+from conftest import check_reinforce_run, check_sigterm_loses_nothing, load_ckpt, records, run_script, train_records
 from model import load_openclip
 from train_utils import cosine_lr
 
@@ -251,32 +250,11 @@ def test_zero_temperature_is_refused_up_front(tmp_path):
 
 
 def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path):
-    """A scheduler's SIGTERM mid-run (preemption, a time limit): the run finishes its step, saves it and
-    exits with a message; resumed, it ends with the weights of a run that was never stopped."""
-    stopped, straight = str(tmp_path / 'stopped'), str(tmp_path / 'straight')
-    proc = terminate_mid_run('train_cls.py', stopped, TINY, '--max_steps=100000', '--lr_decay_steps=60',
-                             '--ckpt_interval=1000')
-    assert proc.returncode != 0 and 'stopped by SIGTERM after step' in proc.stderr_text
-    assert 'Traceback' not in proc.stderr_text
-    step = load_ckpt(stopped)['step']
-    assert step >= 3 and step == train_records(stopped)[-1]['step']  # the last step it trained, not the last save
-    assert records(stopped)[-1] == dict(step=step, stopped_by='SIGTERM')
-    run(TINY, f'--out_dir={straight}', f'--max_steps={step + 3}', '--lr_decay_steps=60')
-    run(TINY, f'--out_dir={stopped}', f'--max_steps={step + 3}', '--lr_decay_steps=60', '--init_from=resume')
-    a, b = (load_ckpt(d)['model'] for d in (straight, stopped))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    check_sigterm_loses_nothing('train_cls.py', TINY, tmp_path)
 
 
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path):
-    out = str(tmp_path / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=2',
-        '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10')
-    lines = train_records(out)
-    assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)  # k per image
-    weights = load_ckpt(out)['model']
-    assert weights['visual.predictor.3.weight'].any()  # zero at the start: REINFORCE moved it
-    assert not torch.equal(weights['visual.predictor.position_bias'].abs(),
-                           torch.full_like(weights['visual.predictor.position_bias'], 2.0))
+    check_reinforce_run('train_cls.py', TINY, tmp_path, steps=6)
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -359,17 +359,15 @@ def param_groups(named_parameters, weight_decay, router_lr_scale=1.0):
     """AdamW groups: no weight decay on norms, biases, embeddings, logit_scale (vectors, scalars and
     the position/token embeddings), as OpenCLIP and nanoGPT do. With router_lr_scale != 1 the boundary
     predictor (`predictor.` parameters) gets groups of its own, at lr x router_lr_scale (set_lr)."""
-    groups = {}  # (decay, router) -> parameters
+    groups = defaultdict(list)  # (decay, router) -> parameters
     for name, p in named_parameters:
-        if not p.requires_grad:
-            continue
-        decay = not (p.ndim < 2 or 'embedding' in name or 'logit_scale' in name)
-        router = router_lr_scale != 1 and 'predictor.' in name
-        groups.setdefault((decay, router), []).append(p)
-    return [dict(params=groups.get((decay, False), []), weight_decay=weight_decay if decay else 0.0)
-            for decay in (True, False)] + \
-           [dict(params=groups[decay, True], weight_decay=weight_decay if decay else 0.0, lr_scale=router_lr_scale)
-            for decay in (True, False) if (decay, True) in groups]
+        if p.requires_grad:
+            decay = not (p.ndim < 2 or 'embedding' in name or 'logit_scale' in name)
+            groups[decay, router_lr_scale != 1 and 'predictor.' in name].append(p)
+    wd = {True: weight_decay, False: 0.0}
+    return ([dict(params=groups[decay, False], weight_decay=wd[decay]) for decay in (True, False)]
+            + [dict(params=groups[decay, True], weight_decay=wd[decay], lr_scale=router_lr_scale)
+               for decay in (True, False) if groups[decay, True]])
 
 
 def reinforce_loss(sample_losses, log_prob):

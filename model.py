@@ -294,15 +294,23 @@ def segment_ids(b):
     return b.cumsum(dim=1) - b
 
 
-def pool_segments(x, b):
+def pool_segments(x, b, count=None):
     """Mean-pool each segment of x (B, N, D) cut by the boundaries b (B, N).
 
     Returns the segments (B, S, D), padded with zeros to the largest segment count S in the batch,
     `real` (B, S), True on real segments, or None when no image needed padding, and the sizes (B, S):
     patches per segment (0 at the padding), which carry b's gradient as the pooling weights do.
+    count: every image's segment count, where the caller knows it (top-k and evenly spaced cuts).
+    Otherwise the batch's largest count is read from b, which makes the host wait for the GPU: the
+    CPU can no longer queue kernels ahead, and on a fast GPU the rest of the forward is then bound by
+    how fast Python launches them (on an H200 that ate most of the speedup, see the README).
     """
     n_segments = b.detach().sum(dim=1)  # exact: the last patch of every image closes a segment
-    lo, hi = (int(v) for v in torch.stack([n_segments.min(), n_segments.max()]).tolist())  # one host sync
+    if count is None:
+        lo, hi = (int(v) for v in torch.stack([n_segments.min(), n_segments.max()]).tolist())  # one host sync
+    else:
+        torch._assert_async(n_segments.eq(count).all(), 'pool_segments: a segment count is not the one given')
+        lo = hi = count
     # Segment id of each patch: the number of boundaries strictly before it. It is a whole number in
     # value but carries b's gradient.
     seg = segment_ids(b)
@@ -492,7 +500,11 @@ class DTPViT(nn.Module):
                 b, log_prob = boundaries.to(device=x.device, dtype=torch.float32), None
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
-            segments, real, sizes = pool_segments(patches, b)
+            # Every rule but the paper's Bernoulli samples (and threshold evaluation) cuts exactly
+            # n_segments segments: then pooling need not read the count back from the GPU.
+            exact = cfg.boundary != 'gumbel' or (cfg.train_boundaries in ('topk', 'reinforce') if self.training
+                                                 else cfg.eval_boundaries == 'topk')
+            segments, real, sizes = pool_segments(patches, b, cfg.n_segments if exact and boundaries is None else None)
             if cfg.extent_embedding:
                 segments = segments + self.extent(b.detach(), segments.shape[1]).to(segments.dtype)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled

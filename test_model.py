@@ -505,8 +505,8 @@ def test_segment_ids_agree_with_the_pooling(scan, boundary, monkeypatch):
     and each pooled token is the mean of that segment's patches."""
     captured, pool_segments = {}, M.pool_segments
 
-    def spy(x, b):
-        captured['x'], (captured['pooled'], valid, sizes) = x, pool_segments(x, b)
+    def spy(x, b, count=None):
+        captured['x'], (captured['pooled'], valid, sizes) = x, pool_segments(x, b, count)
         return captured['pooled'], valid, sizes
     monkeypatch.setattr(M, 'pool_segments', spy)
     torch.manual_seed(0)
@@ -821,3 +821,29 @@ def test_extent_embedding_marks_each_segments_first_and_last_patch():
     extent = vit.extent(b, 4)[..., :2]
     assert extent[0].tolist() == [[0, 102], [3, 109], [10, 163], [0, 0]]  # the padding segment stays zero
     assert extent[1].tolist() == [[0, 100], [1, 140], [41, 162], [63, 163]]
+
+
+@pytest.mark.parametrize('boundary,train_boundaries,training', [
+    ('gumbel', 'bernoulli', False), ('gumbel', 'topk', True), ('gumbel', 'reinforce', True), ('fixed', 'bernoulli', True),
+    ('color', 'bernoulli', False), ('cosine', 'bernoulli', True)])
+def test_exact_segment_counts_need_no_host_sync(boundary, train_boundaries, training, monkeypatch):
+    """Where every image gets exactly n_segments (top-k, evenly spaced), pooling does not read the count
+    back from the device (on a GPU such a read stalls the host) and computes what the reading path computes."""
+    torch.manual_seed(0)
+    m = DTPViT(tiny(boundary=boundary, train_boundaries=train_boundaries, compression=5.0,
+                    position_prior=2.0 if train_boundaries == 'reinforce' else 0.0)).train(training)
+    images = torch.randn(3, 3, 32, 32)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, 'tolist', lambda t: reads.append(t) or real_tolist(t))
+    torch.manual_seed(1)
+    features, aux = m(images)
+    assert reads == []
+    assert (aux['n_segments'] == m.cfg.n_segments).all()
+    torch.manual_seed(1)  # the same boundaries given from outside take the reading path: the same features
+    given, _ = m(images, boundaries=aux['boundaries'])
+    assert len(reads) == 1
+    torch.testing.assert_close(given, features, rtol=0, atol=0)
+    # a count that is not the batch's is caught, not turned into wrong pooling
+    with pytest.raises(RuntimeError, match='segment count'):
+        M.pool_segments(torch.randn(3, 64, 8), aux['boundaries'], count=m.cfg.n_segments + 1)

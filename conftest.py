@@ -9,6 +9,7 @@ import sys
 import tarfile
 import time
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -45,12 +46,13 @@ def run_script(script, *args, torchrun=False, check=True, timeout=600):
     return proc
 
 
-def terminate_mid_run(script, out_dir, *args, after_step=3):
+def terminate_mid_run(script, out_dir, *args, after_step=3, job_wide=False):
     """Start a training script (one process) that would run for long, send it SIGTERM once its log shows
     step after_step, as a scheduler preempting the job (or torchrun passing the signal on) would, and
-    return the finished process (returncode, stdout and stderr read)."""
+    return the finished process (returncode, stdout and stderr read). job_wide: the signal goes to every
+    process of the job (its process group: the data loader's workers too), as Slurm sends it."""
     proc = subprocess.Popen([sys.executable, script, *args, f'--out_dir={out_dir}', '--log_interval=1'], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=job_wide)
 
     def reached():
         try:
@@ -61,9 +63,30 @@ def terminate_mid_run(script, out_dir, *args, after_step=3):
     while not reached():
         assert proc.poll() is None and time.time() < deadline, f'{script} ended or stalled before step {after_step}'
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if job_wide:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     proc.stdout_text, proc.stderr_text = proc.communicate(timeout=300)
     return proc
+
+
+def check_job_wide_sigterm_with_workers(script, config, tmp_path, *args):
+    """SIGTERM to every process of the job, data loader workers (workers=2) included: the workers
+    outlive it, so the run still finishes its step, saves it and exits; the children are gone (nothing
+    hangs at exit) and the run resumes from that step."""
+    out = str(tmp_path / 'run')
+    proc = terminate_mid_run(script, out, config, '--workers=2', '--max_steps=100000', '--ckpt_interval=1000', *args,
+                             job_wide=True)
+    assert proc.returncode != 0 and 'stopped by SIGTERM after step' in proc.stderr_text, proc.stderr_text[-2000:]
+    assert 'Traceback' not in proc.stderr_text
+    step = load_ckpt(out)['step']
+    assert step >= 3 and step == train_records(out)[-1]['step']
+    assert records(out)[-1] == dict(step=step, stopped_by='SIGTERM')
+    with pytest.raises(ProcessLookupError):  # the group is empty: no worker left behind
+        os.killpg(proc.pid, 0)
+    run_script(script, config, f'--out_dir={out}', '--workers=2', f'--max_steps={step + 2}', '--init_from=resume', *args)
+    assert train_records(out)[-1]['step'] == step + 2
 
 
 def records(out_dir):

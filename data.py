@@ -11,6 +11,7 @@ those formats, so demos and tests exercise the same code paths as real runs:
     python data.py            # writes data/shapes/ once (idempotent), prints a summary
 """
 import argparse
+import atexit
 import fcntl
 import io
 import itertools
@@ -18,10 +19,12 @@ import json
 import logging
 import math
 import multiprocessing as mp
+import multiprocessing.util  # registers its exit handler now, before end_workers (see there)
 import os
 import random
 import re
 import shutil
+import signal
 import tarfile
 import time
 from functools import partial
@@ -384,13 +387,34 @@ def collate(batch):
     return torch.utils.data.default_collate(batch) if batch else None
 
 
+def worker_init(worker_id):
+    """Every DataLoader's workers outlive a SIGTERM sent to the whole job (a scheduler such as Slurm
+    signals every process): the training process catches it, finishes its step and saves, and it
+    needs its workers to get there. They end when their loader shuts them down, or at the latest
+    when the training process exits (end_workers)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_workers():
+    """At exit, SIGKILL the loader workers still alive (persistent ones, or one stuck on a slow read):
+    multiprocessing's own exit handler would SIGTERM them, which they ignore, and then wait for them
+    forever. It was registered when multiprocessing.util was imported (above), so it runs after this one."""
+    for p in mp.active_children():
+        if p.daemon:
+            p.kill()
+            p.join()
+
+
+atexit.register(end_workers)
+
+
 def folder_loader(root, split, transform, batch_size, workers=2, train=False):
     """DataLoader over imagenet_dataset(root, split, transform) yielding (images, labels), without
     the unreadable images (counted in loader.dataset.skipped); None for a batch with none readable.
     train=True shuffles and drops the last partial batch; False keeps order (eval)."""
     return torch.utils.data.DataLoader(imagenet_dataset(root, split, transform), batch_size,
                                        shuffle=train, drop_last=train, num_workers=workers,
-                                       persistent_workers=workers > 0, collate_fn=collate)
+                                       persistent_workers=workers > 0, collate_fn=collate, worker_init_fn=worker_init)
 
 
 # -----------------------------------------------------------------------------
@@ -565,7 +589,7 @@ def wds_loader(urls, transform, tokenizer, batch_size, num_samples=None, train=T
         num_samples = num_batches * batch_size * world_size
         dataset = dataset.with_epoch(per_worker)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         persistent_workers=workers > 0)
+                                         persistent_workers=workers > 0, worker_init_fn=worker_init)
     loader.num_batches, loader.num_samples = num_batches, num_samples
 
     def set_epoch(e):

@@ -8,8 +8,8 @@ import torch
 
 import data
 from model import DTPConfig
-from conftest import (check_reinforce_run, check_sigterm_loses_nothing, load_ckpt, read_shard, records,
-                      run_script, train_records, write_tar)
+from conftest import (check_job_wide_sigterm_with_workers, check_reinforce_run, check_sigterm_loses_nothing,
+                      load_ckpt, read_shard, records, run_script, train_records, write_tar)
 from train_utils import cosine_lr
 
 TINY = 'config/shapes_tiny.py'
@@ -498,3 +498,8 @@ def test_a_plain_run_shortened_training_free(tmp_path, plain_ckpt, setting):
     assert final['eval_compression'] > 1.3 and not [r for r in records(again) if 'loss' in r]
     if 'tome' not in setting:
         assert final['eval_compression'] == pytest.approx(4.0)
+
+
+def test_a_job_wide_sigterm_with_loader_workers_still_saves_the_last_step(tmp_path):
+    """Streaming shards through two loader workers, the signal reaching every process of the job."""
+    check_job_wide_sigterm_with_workers('train_clip.py', TINY, tmp_path, f"--train_data={data.make_shapes()['shards']}")

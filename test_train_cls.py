@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import check_reinforce_run, check_sigterm_loses_nothing, load_ckpt, records, run_script, train_records
+from conftest import (check_job_wide_sigterm_with_workers, check_reinforce_run, check_sigterm_loses_nothing,
+                      load_ckpt, records, run_script, train_records)
 from model import load_openclip
 from train_utils import cosine_lr
 
@@ -326,3 +327,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     val_skipped = [r['val_skipped'] for r in logged if 'val_top1' in r]  # a running count of failed reads
     assert len(val_skipped) == 2 and 0 < val_skipped[0] < val_skipped[1]
     assert 0 < [r['skipped'] for r in logged if 'loss' in r][-1] <= 8
+
+
+def test_a_job_wide_sigterm_with_loader_workers_still_saves_the_last_step(tmp_path):
+    """Two loader workers decoding the image folder, the signal reaching every process of the job."""
+    check_job_wide_sigterm_with_workers('train_cls.py', TINY, tmp_path)

@@ -243,7 +243,7 @@ while step < total_steps:
         log(dict(resume_step=step, epoch=epoch, skipping_batches=seen))
     loader = torch.utils.data.DataLoader(train_set, batch_size, sampler=list(sampler)[seen * batch_size:],
                                          drop_last=True, num_workers=workers, pin_memory=device.type == 'cuda',
-                                         collate_fn=data.collate)
+                                         collate_fn=data.collate, worker_init_fn=data.worker_init)
     reset_peak_memory(device)
     epoch_stats = defaultdict(float)
     batches = iter(loader)  # (draws the workers' seeds from the global RNG)

@@ -410,14 +410,14 @@ def checkpoint_rows(args, device):
 # -----------------------------------------------------------------------------------------------
 # --bench: what the FLOP savings buy in wall-clock time and memory
 
-def bench_towers(base, ratios, tome_rs=()):
-    """The plain ViT, a gumbel DTP-ViT per ratio, and ToMe per r of tome_rs, with the same weights (only
-    the predictor is new)."""
+def bench_towers(base, ratios, tome_rs=(), train_boundaries='bernoulli'):
+    """The plain ViT, a gumbel DTP-ViT per ratio (trained by train_boundaries' samples), and ToMe per r of
+    tome_rs, with the same weights (only the predictor is new)."""
     torch.manual_seed(0)
     plain = DTPViT(base)
     towers = [(None, plain)]
     for r in ratios:
-        tower = DTPViT(dataclasses.replace(base, boundary='gumbel', compression=r))
+        tower = DTPViT(dataclasses.replace(base, boundary='gumbel', compression=r, train_boundaries=train_boundaries))
         missing, unexpected = tower.load_state_dict(plain.state_dict(), strict=False)
         assert not unexpected and all(k.startswith('predictor.') for k in missing), (missing, unexpected)
         towers.append((r, tower))
@@ -465,7 +465,7 @@ def bench_rows(args, base, ratios, device, tome_rs=()):
     batch, N = args.batch_size, base.n_patches
     images = torch.randn(batch, 3, base.image_size, base.image_size,
                          generator=torch.Generator().manual_seed(0)).to(device)
-    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios, tome_rs)]
+    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios, tome_rs, args.train_boundaries)]
 
     def interleaved(fns, warmup):
         """Median seconds of each fn, timed round-robin so that background load hits every row alike."""
@@ -495,7 +495,8 @@ def bench_rows(args, base, ratios, device, tome_rs=()):
         return fn
     infer_s = interleaved([infer(t) for _, t in towers], warmup=2)
 
-    # Training: train mode, Gumbel-sampled boundaries (segment counts vary per image); one step = forward,
+    # Training: train mode, Gumbel-sampled boundaries (with the paper's Bernoulli samples segment counts vary
+    # per image; top-k samples give every image round(N / r), the count evaluation keeps); one step = forward,
     # a loss on the features (a stand-in for the contrastive loss) + the boundary loss, backward, AdamW.
     steps, train_segments, memory = [], [], []
     for _, tower in towers:
@@ -530,7 +531,8 @@ def bench_rows(args, base, ratios, device, tome_rs=()):
                          throughput=batch / t_inf, train_step_s=t_train, peak_mem_gb=mem, ideal=ideal,
                          device=device, batch_size=batch, repeats=args.repeats,
                          mode={'none': 'plain ViT', 'tome': 'ToMe: the same merges in inference and training',
-                               'dtp': 'inference: eval, top-k boundaries; training: Gumbel boundaries'}[pooling]))
+                               'dtp': 'inference: eval, top-k boundaries; training: Gumbel boundaries '
+                                      f'({args.train_boundaries})'}[pooling]))
     for row in rows:
         row['speedup'] = row['throughput'] / rows[0]['throughput']
         row['train_speedup'] = rows[0]['train_step_s'] / row['train_step_s']
@@ -596,6 +598,9 @@ def main(argv=None):
     parser.add_argument('--bench', action='store_true', help='also measure throughput, train step, memory')
     parser.add_argument('--batch-size', type=int, help='bench/checkpoint batch (default 32 on CPU, 256 on CUDA)')
     parser.add_argument('--repeats', type=int, default=5, help='bench: timed repeats per row (median)')
+    parser.add_argument('--train-boundaries', choices=['bernoulli', 'topk'], default='bernoulli',
+                        help="bench: DTP's training samples: the paper's Bernoulli (segment counts vary per image and "
+                             "step) or Gumbel-top-k (round(N/r) per image, as evaluation)")
     parser.add_argument('--threads', type=int, help="bench: torch.set_num_threads (default: torch's, one per core)")
     parser.add_argument('--checkpoint', help='training checkpoint, or OpenCLIP-format file (needs --data)')
     parser.add_argument('--data', help='directory of images (searched recursively) for --checkpoint')
@@ -667,9 +672,9 @@ def main(argv=None):
                 f", {precision}), batch {args.batch_size}, median of {args.repeats} repeats timed round-robin; "
                 f"same weights and inputs in every row")
             say("DTP rows run the real predictor: inference in eval mode (top-k boundaries, round(N/r) segments); "
-                "training in train mode (Gumbel-sampled boundaries: train tokens is their mean; the blocks pack")
-            say("  the real tokens, attention alone runs padded to the batch's largest count; the predictor is "
-                "untrained, so segment counts vary as much as a given rate allows)")
+                f"training in train mode (Gumbel-sampled boundaries, {args.train_boundaries}: train tokens is their mean;")
+            say("  the blocks pack the real tokens, attention alone runs padded to the batch's largest count; with "
+                "bernoulli samples the untrained predictor's segment counts vary as much as a given rate allows)")
             if tome_rs:
                 say("ToMe rows run a copy of the plain ViT's weights with its merges (tome.py); tokens = tokens "
                     "reaching ln_post")

@@ -247,6 +247,21 @@ def test_bench_smoke():
     assert rows[1]['bench_tokens'] == 1 + 2 and rows[1]['ideal'] > 1
 
 
+@pytest.mark.parametrize('train_boundaries', ['bernoulli', 'topk'])
+def test_bench_trains_with_the_samples_asked_for(train_boundaries):
+    """--train-boundaries topk times training steps on exactly round(N / r) segments per image (no host
+    read-back of the count); bernoulli, the default, on the paper's samples, whose counts vary."""
+    threads = torch.get_num_threads()
+    try:
+        rows = flops.main(['--model', 'ViT-S-32', '--image-size', '96', '--ratio', '3', '--bench', '--batch-size', '4',
+                           '--repeats', '1', '--threads', '1', '--json', '--train-boundaries', train_boundaries])
+    finally:
+        torch.set_num_threads(threads)
+    assert rows[1]['mode'].endswith(f'({train_boundaries})')
+    if train_boundaries == 'topk':  # 9 patches at 3x: 3 segments for every image, every step
+        assert rows[1]['train_tokens'] == rows[1]['bench_tokens'] == 1 + 3
+
+
 def test_scan_order_leaves_the_flops_unchanged():
     """Hilbert order permutes the patches before segmentation: same segments per image, same count."""
     base = dataclasses.replace(flops.base_config('ViT-B-32'), boundary='gumbel', compression=4.0)

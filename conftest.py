@@ -85,7 +85,8 @@ def check_job_wide_sigterm_with_workers(script, config, tmp_path, *args):
     assert records(out)[-1] == dict(step=step, stopped_by='SIGTERM')
     with pytest.raises(ProcessLookupError):  # the group is empty: no worker left behind
         os.killpg(proc.pid, 0)
-    run_script(script, config, f'--out_dir={out}', '--workers=2', f'--max_steps={step + 2}', '--init_from=resume', *args)
+    run_script(script, config, f'--out_dir={out}', '--workers=2', f'--max_steps={step + 2}', '--init_from=resume',
+               *args)
     assert train_records(out)[-1]['step'] == step + 2
 
 

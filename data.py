@@ -398,7 +398,8 @@ def worker_init(worker_id):
 def end_workers():
     """At exit, SIGKILL the daemonic children still alive: the loader workers (persistent ones, or one
     stuck on a slow read). multiprocessing's own exit handler would SIGTERM them, which they ignore, and
-    then wait for them forever. It was registered when multiprocessing.util was imported (above), so it runs after this one."""
+    then wait for them forever. It was registered when multiprocessing.util was imported (above), so it
+    runs after this one."""
     for p in mp.active_children():
         if p.daemon:
             p.kill()

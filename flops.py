@@ -672,7 +672,8 @@ def main(argv=None):
                 f", {precision}), batch {args.batch_size}, median of {args.repeats} repeats timed round-robin; "
                 f"same weights and inputs in every row")
             say("DTP rows run the real predictor: inference in eval mode (top-k boundaries, round(N/r) segments); "
-                f"training in train mode (Gumbel-sampled boundaries, {args.train_boundaries}: train tokens is their mean;")
+                f"training in train mode (Gumbel-sampled boundaries, {args.train_boundaries}: train tokens is "
+                "their mean;")
             say("  the blocks pack the real tokens, attention alone runs padded to the batch's largest count; with "
                 "bernoulli samples the untrained predictor's segment counts vary as much as a given rate allows)")
             if tome_rs:

@@ -124,12 +124,14 @@ def check_sigterm_loses_nothing(script, config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def check_reinforce_run(script, config, tmp_path, steps):
-    """A short train_boundaries='reinforce' run: exactly the target compression (k boundaries per image)
-    on every log line, a finite REINFORCE term, and a predictor that moved from where it started."""
+def check_reinforce_run(script, config, tmp_path, steps, baseline):
+    """A short train_boundaries='reinforce' run with this reinforce_baseline: exactly the target compression
+    (k boundaries per image) on every log line, a finite REINFORCE term, and a predictor that moved from
+    where it started."""
     out = str(tmp_path / 'run')
     run_script(script, config, f'--out_dir={out}', f'--max_steps={steps}', '--log_interval=2',
-               '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10')
+               '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10',
+               f'--reinforce_baseline={baseline}')
     lines = train_records(out)
     assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)
     weights = load_ckpt(out)['model']

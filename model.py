@@ -59,6 +59,9 @@ class DTPConfig:
     detach_predictor_input: bool = False  # True: the predictor reads the pre-layer tokens without sending
                                    # its straight-through gradient back into them (the backbone learns
                                    # from the task only)
+    reinforce_baseline: str = 'batch'  # REINFORCE's baseline: 'batch' (an image's loss against the batch's
+                                   # mean) or 'greedy' (against the loss of the image's own top-k cuts,
+                                   # scored by a second, gradient-free pass of the layers after pooling)
     boundary_noise: float = 1.0    # scale of the noise in training's samples (0: deterministic, training
                                    # takes the boundaries evaluation takes)
     size_attention: bool = False   # True: log(patches in the segment) is added to the attention logits of
@@ -74,7 +77,7 @@ class DTPConfig:
     def __post_init__(self):
         choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'color', 'none'),
                        eval_boundaries=('topk', 'threshold'), pool=('cls', 'mean'), scan=('raster', 'hilbert'),
-                       train_boundaries=('bernoulli', 'topk', 'reinforce'))
+                       train_boundaries=('bernoulli', 'topk', 'reinforce'), reinforce_baseline=('batch', 'greedy'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -89,6 +92,9 @@ class DTPConfig:
         if self.train_boundaries == 'reinforce' and not self.boundary_noise > 0:
             raise ValueError("DTPConfig.train_boundaries='reinforce' needs boundary_noise > 0: REINFORCE learns from "
                              "the samples' differences, and without noise every sample is the same")
+        if self.reinforce_baseline != 'batch' and self.train_boundaries != 'reinforce':
+            raise ValueError(f"DTPConfig.reinforce_baseline={self.reinforce_baseline!r} needs "
+                             f"train_boundaries='reinforce' (it is the baseline of REINFORCE's reward)")
         if not self.position_prior >= 0:
             raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
         if self.extent_embedding and self.boundary == 'none':
@@ -459,7 +465,8 @@ class DTPViT(nn.Module):
         whole batch), segment_ids (B, N): the segment of every patch in row-major grid order;
         boundaries (B, N) and, when there is a predictor, boundary_logits (B, N), both in scan order
         (patch i of the scan is patch scan_order[i] of the grid); training with REINFORCE,
-        boundary_log_prob (B,), the log-probability of each image's sampled boundaries.
+        boundary_log_prob (B,), the log-probability of each image's sampled boundaries, and with
+        reinforce_baseline='greedy', greedy_features (B, embed_dim): the image with its top-k cuts.
         """
         cfg = self.cfg
         if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
@@ -470,9 +477,21 @@ class DTPViT(nn.Module):
         x = self.embed(images)                                   # (B, 1 + N, D)
         for block in self.transformer.resblocks[:cfg.pre_layers]:
             x = block(x)
+        features, aux = self.pool_and_finish(x, images, boundaries)
+        if 'greedy_boundaries' in aux:
+            # A self-critical baseline (reinforce_baseline='greedy'): the same image with the cuts
+            # evaluation would take, through the layers after pooling, without a gradient. The training
+            # script rewards the sample by how much better its loss came out than these features'.
+            with torch.no_grad():
+                aux['greedy_features'], _ = self.pool_and_finish(x, images, aux.pop('greedy_boundaries'))
+        return features, aux
+
+    def pool_and_finish(self, x, images, boundaries=None):
+        """The pre-layers' tokens (B, 1 + N, D) -> (features (B, embed_dim), aux): pooling, the short
+        layers and the head."""
         x, packing, aux = self.segment(x, images, boundaries)    # (B, 1 + S, D), or (T, D) packed
-        bias = self.size_bias(aux['segment_sizes'], packing) if cfg.size_attention else None
-        for block in self.transformer.resblocks[cfg.pre_layers:]:
+        bias = self.size_bias(aux['segment_sizes'], packing) if self.cfg.size_attention else None
+        for block in self.transformer.resblocks[self.cfg.pre_layers:]:
             x = block(x, packing, bias)
         return self.head(x, packing), aux
 
@@ -526,6 +545,8 @@ class DTPViT(nn.Module):
             aux['boundary_logits'] = logits
         if log_prob is not None:  # train_boundaries='reinforce': see reinforce_loss in train_utils.py
             aux['boundary_log_prob'] = log_prob
+            if cfg.reinforce_baseline == 'greedy':  # what the image's baseline pass pools (see forward)
+                aux['greedy_boundaries'] = topk_boundaries(logits.detach(), cfg.n_segments)
         return x, packing, aux
 
     def extent(self, b, n_segments):

@@ -660,6 +660,53 @@ def test_reinforce_in_mixed_precision_is_finite(dtype):
     assert all(torch.isfinite(p.grad).all() for p in vit.parameters() if p.grad is not None)
 
 
+def test_the_greedy_baseline_pass_computes_what_evaluation_computes():
+    """reinforce_baseline='greedy': besides the sampled features (with their gradient), training returns
+    the features of the same images with their top-k cuts, which are exactly the eval-mode features, carry
+    no gradient, and leave the sampled pass as it was without the baseline."""
+    torch.manual_seed(0)
+    cfg = dict(train_boundaries='reinforce', position_prior=2.0, compression=4, extent_embedding=True)
+    vit = DTPViT(tiny(reinforce_baseline='greedy', **cfg))
+    plain = DTPViT(tiny(**cfg))
+    with torch.no_grad():  # a router that has moved away from fixed pooling, and content-dependent
+        vit.predictor[-1].weight.normal_()
+        vit.extent_embedding['start'].normal_()
+    plain.load_state_dict(vit.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected, eval_aux = vit.eval()(images)
+    assert not torch.equal(eval_aux['segment_ids'], DTPViT(tiny(boundary='fixed'))(images)[1]['segment_ids'])
+    torch.manual_seed(1)
+    features, aux = vit.train()(images)
+    torch.manual_seed(1)
+    unbaselined, _ = plain.train()(images)
+    assert torch.allclose(aux['greedy_features'], expected, atol=1e-6) and not aux['greedy_features'].requires_grad
+    assert torch.equal(features, unbaselined) and not torch.allclose(features, expected, atol=1e-3)
+    assert 'greedy_boundaries' not in aux and 'greedy_features' not in vit.eval()(images)[1]
+
+
+def test_with_the_greedy_baseline_a_sample_equal_to_the_greedy_cuts_teaches_nothing():
+    """Noise too small to move any boundary: every sample is the greedy cut, its loss the baseline's,
+    so the reward (sampled minus greedy loss) is 0 and REINFORCE sends the predictor no gradient. With
+    the batch-mean baseline the same samples still push (each image's loss against the others')."""
+    torch.manual_seed(0)
+    for baseline, moves in (('greedy', False), ('batch', True)):
+        vit = DTPViT(tiny(train_boundaries='reinforce', position_prior=2.0, compression=4, boundary_noise=1e-4,
+                          reinforce_baseline=baseline)).train()
+        features, aux = vit(torch.randn(4, 3, 32, 32))
+        task = features.square().sum(1)
+        if baseline == 'greedy':
+            assert torch.allclose(task, aux['greedy_features'].square().sum(1))
+            task = task - aux['greedy_features'].square().sum(1)
+        reinforce_loss(task, aux['boundary_log_prob']).backward()
+        assert bool(vit.predictor.position_bias.grad.any()) is moves
+
+
+def test_the_greedy_baseline_needs_reinforce():
+    with pytest.raises(ValueError, match="reinforce_baseline='greedy' needs train_boundaries='reinforce'"):
+        DTPConfig(train_boundaries='topk', reinforce_baseline='greedy')
+
+
 def test_reinforce_needs_noise():
     with pytest.raises(ValueError, match="reinforce' needs boundary_noise > 0"):
         DTPConfig(train_boundaries='reinforce', boundary_noise=0.0)

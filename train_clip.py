@@ -58,6 +58,7 @@ compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'topk' (exactly eval's count) or
                                 # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each pair's loss)
+reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' (the image's own top-k cuts)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
@@ -252,7 +253,11 @@ while step < total_steps:
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
             if 'boundary_log_prob' in out:  # REINFORCE: a pair's own loss is the reward of its image's boundaries
-                reinforce = reinforce_loss(pair_losses(out), out['boundary_log_prob'])
+                sample_losses = pair_losses(out)
+                if 'greedy_features' in out:  # self-critical: measured against the image's own top-k cuts
+                    greedy = F.normalize(out['greedy_features'], dim=-1).to(out['image_features'].dtype)
+                    sample_losses = sample_losses - pair_losses(dict(out, image_features=greedy))
+                reinforce = reinforce_loss(sample_losses, out['boundary_log_prob'])
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, clip.parameters(), grad_clip)
         with torch.no_grad():  # as OpenCLIP: a temperature below 1/100 makes the loss unstable

@@ -57,6 +57,7 @@ compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
 train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'topk' (exactly eval's count) or
                                 # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each image's loss)
+reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' (the image's own top-k cuts)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
@@ -268,6 +269,11 @@ while step < total_steps:
             if 'boundary_log_prob' in aux:  # REINFORCE: an image's own loss is the reward of its boundaries
                 per_image = F.cross_entropy(logits.float().detach(), labels, reduction='none',
                                             label_smoothing=label_smoothing)
+                if 'greedy_features' in aux:  # self-critical: measured against the image's own top-k cuts
+                    with torch.no_grad():
+                        greedy = unwrap(model).head(F.normalize(aux['greedy_features'], dim=-1))
+                    per_image = per_image - F.cross_entropy(greedy.float(), labels, reduction='none',
+                                                            label_smoothing=label_smoothing)
                 reinforce = reinforce_loss(per_image, aux['boundary_log_prob'])
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, net.parameters(), grad_clip)

@@ -114,7 +114,7 @@ def configure(config, argv=None):
 # The settings of DTPConfig that both training scripts take as globals of their own.
 DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
                'scan', 'train_boundaries', 'position_prior', 'detach_predictor_input', 'boundary_noise', 'size_attention',
-               'extent_embedding')
+               'extent_embedding', 'reinforce_baseline')
 # The settings that make up the architecture (load_openclip's arguments): a resumed run takes them from its checkpoint.
 ARCH_SETTINGS = ('arch', 'vision', 'text', *DTP_GLOBALS)
 
@@ -376,7 +376,10 @@ def reinforce_loss(sample_losses, log_prob):
     own task loss (sample_losses, (B,)). Minimising this makes the boundaries of an image that came out
     better than the batch's average more likely, and those of a worse one less. The advantage is
     normalised over the batch (its mean the baseline, its spread the unit), so the step does not
-    depend on the scale of the loss. The predictor's only gradient: its samples are hard 0/1 values."""
+    depend on the scale of the loss. The predictor's only gradient: its samples are hard 0/1 values.
+    With reinforce_baseline='greedy' the scripts pass each image's loss minus the loss of its own top-k
+    cuts: what the sample did better or worse than the router's best guess on the same image, with the
+    image's difficulty taken out (the batch-mean baseline leaves it in, as noise)."""
     advantage = sample_losses.detach().float()
     advantage = (advantage.mean() - advantage) / (advantage.std(correction=0) + 1e-6)
     return -(advantage * log_prob).mean()

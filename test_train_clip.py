@@ -1,4 +1,5 @@
 """End-to-end tests of train_clip.py on the built-in shapes data, with a tiny model (config/shapes_tiny.py)."""
+import math
 import os
 import shutil
 
@@ -115,6 +116,18 @@ def ddp_run(tmp_path_factory):
 def test_torchrun_two_ranks_stay_identical(ddp_run):
     sync = [r for r in records(ddp_run) if 'ranks_in_sync' in r]
     assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
+
+
+def test_torchrun_self_critical_reinforce_keeps_the_ranks_identical(tmp_path):
+    """reinforce_baseline='greedy' under DDP: the baseline pass's features are gathered across ranks for
+    the rewards, and both ranks' routers still end identical (and moved)."""
+    out = str(tmp_path / 'ddp')
+    run(TINY, f'--out_dir={out}', '--max_steps=4', '--log_interval=2', '--train_boundaries=reinforce',
+        '--position_prior=2.0', '--router_lr_scale=10', '--reinforce_baseline=greedy', torchrun=True)
+    sync = [r for r in records(out) if 'ranks_in_sync' in r]
+    assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
+    assert all(math.isfinite(r['reinforce']) for r in train_records(out))
+    assert load_ckpt(out)['model']['visual.predictor.3.weight'].any()  # zero at the start
 
 
 def test_torchrun_ranks_share_the_epoch(ddp_run):

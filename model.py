@@ -478,12 +478,13 @@ class DTPViT(nn.Module):
         for block in self.transformer.resblocks[:cfg.pre_layers]:
             x = block(x)
         features, aux = self.pool_and_finish(x, images, boundaries)
-        if 'greedy_boundaries' in aux:
-            # A self-critical baseline (reinforce_baseline='greedy'): the same image with the cuts
-            # evaluation would take, through the layers after pooling, without a gradient. The training
-            # script rewards the sample by how much better its loss came out than these features'.
+        if 'boundary_log_prob' in aux and cfg.reinforce_baseline == 'greedy':
+            # A self-critical baseline: the same image with the cuts evaluation would take (the top-k
+            # logits), through the layers after pooling, without a gradient. The training script
+            # rewards the sample by how much better its loss came out than these features'.
+            greedy = topk_boundaries(aux['boundary_logits'].detach(), cfg.n_segments)
             with torch.no_grad():
-                aux['greedy_features'], _ = self.pool_and_finish(x, images, aux.pop('greedy_boundaries'))
+                aux['greedy_features'], _ = self.pool_and_finish(x, images, greedy)
         return features, aux
 
     def pool_and_finish(self, x, images, boundaries=None):
@@ -545,8 +546,6 @@ class DTPViT(nn.Module):
             aux['boundary_logits'] = logits
         if log_prob is not None:  # train_boundaries='reinforce': see reinforce_loss in train_utils.py
             aux['boundary_log_prob'] = log_prob
-            if cfg.reinforce_baseline == 'greedy':  # what the image's baseline pass pools (see forward)
-                aux['greedy_boundaries'] = topk_boundaries(logits.detach(), cfg.n_segments)
         return x, packing, aux
 
     def extent(self, b, n_segments):

@@ -2,13 +2,15 @@
 import errno
 import os
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
 
 import train_utils
-from train_utils import (boundary_confidence, check_resume, check_settings, configure, cosine_lr, evaluate,
-                         param_groups, prepare_out_dir, save_checkpoint, save_val_segments, segment_quality, trim_log)
+from train_utils import (boundary_confidence, check_resume, check_settings, config_keys, configure, cosine_lr,
+                         evaluate, param_groups, prepare_out_dir, save_checkpoint, save_val_segments, segment_quality,
+                         trim_log)
 
 DEFAULTS = dict(out_dir='out', batch_size=64, lr=5e-4, compile=False, compression=4.0, init_from='scratch',
                 imagenet_val=None, betas=(0.9, 0.98))
@@ -322,3 +324,24 @@ def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path):
     log.write_text('{"params_M": 1}\n{"step": 5}\n{"step": 10}\n{"step": 15}\n{"epoch_end": 0, "step": 15}\n{"st')
     trim_log(str(log), 10)
     assert log.read_text() == '{"params_M": 1}\n{"step": 5}\n{"step": 10}\n'
+
+
+HERE = Path(__file__).parent
+
+
+def script_settings(script):
+    """A training script's settings before any override: its source up to the configure() call, run."""
+    source = (HERE / script).read_text()
+    namespace = {}
+    exec(compile(source[:source.index('\nconfig = configure(')], script, 'exec'), namespace)
+    return {k: namespace[k] for k in config_keys(namespace)}
+
+
+@pytest.mark.parametrize('path', sorted(p.name for p in (HERE / 'config').glob('*.py')))
+def test_every_shipped_config_file_is_accepted_by_its_script(path):
+    """The files in config/ name only settings their script has, with values of the right type, and
+    pass the checks a run makes before it starts: a renamed setting cannot leave one behind."""
+    script = 'train_cls.py' if path.startswith('imagenet_') or '_cls_' in path else 'train_clip.py'
+    config = configure(script_settings(script), [str(HERE / 'config' / path)])
+    check_settings(config)
+    assert config != script_settings(script)  # the file was read: it changes something

@@ -56,9 +56,10 @@ RUNS = {
                        f'config/shapes_color4x.py --compression={r}') for r in (4, 10)],
     'REINFORCE router': [(mmacs('gumbel', r), f'rl-ext{r}x-raster' if r != 4 else 'rl-ext-raster',
                           f'config/shapes_reinforce4x.py --compression={r}') for r in (4, 10)],
-    'REINFORCE, self-critical': [(mmacs('gumbel', r), f'scrl-ext{r}x-raster' if r != 4 else 'scrl-ext-raster',
-                                  f'config/shapes_reinforce4x.py --reinforce_baseline=greedy --compression={r}')
-                                 for r in (4, 10)],
+    'REINFORCE, self-critical, noise 2': [
+        (mmacs('gumbel', r), f'scrl2-ext{r}x-raster' if r != 4 else 'scrl2-ext-raster',
+         f'config/shapes_reinforce4x.py --reinforce_baseline=greedy --boundary_noise=2 --compression={r}')
+        for r in (4, 10)],
     'ToMe': [(mmacs('tome', cost=c), f'tome{r}x', f'config/shapes_tome4x.py --tome_cost={c}')
              for r, c in TOME_COSTS.items()],
     'fixed, training-free': [(mmacs('fixed', r), f'tf-fixed{r}x', f'{TF} --boundary=fixed --compression={r}')
@@ -72,10 +73,10 @@ RUNS = {
 # Seeds behind each trained point in the README's tables (others: seed 0 only).
 SEEDS = {'vit': 3, 'fixed-raster': 5, 'dtp-raster': 3, 'cosinesize-raster': 3, 'tome4x': 3, 'fixed10x-raster': 5,
          'cosinesize10x-raster': 5, 'color-raster': 3, 'color10x-raster': 5, 'rl-ext-raster': 2,
-         'rl-ext10x-raster': 5, 'scrl-ext-raster': 3, 'scrl-ext10x-raster': 3}
+         'rl-ext10x-raster': 5, 'scrl2-ext-raster': 5, 'scrl2-ext10x-raster': 5}
 COLOURS = {'plain ViT': '#000000', 'fixed pooling': '#1f77b4', 'learned DTP (Gumbel)': '#d62728', 'ToMe': '#2ca02c',
            'cosine router': '#9467bd', 'colour router': '#ff7f0e', 'REINFORCE router': '#8c564b',
-           'REINFORCE, self-critical': '#e377c2',
+           'REINFORCE, self-critical, noise 2': '#e377c2',
            'fixed, training-free': '#1f77b4', 'cosine router, training-free': '#9467bd', 'ToMe, training-free': '#2ca02c'}
 
 

@@ -56,6 +56,9 @@ class DTPConfig:
                                    # 'reinforce' (top-k samples; the predictor learns by REINFORCE)
     position_prior: float = 0.0    # > 0: a learned per-position logit bias, initialised to +-this at the
                                    # evenly spaced boundaries, so the predictor starts as fixed pooling
+    color_prior: float = 0.0       # > 0: add the colour change between neighbouring patches (z-scored per
+                                   # image) times a learned gain, initialised to this, to the predictor's
+                                   # logits, so it starts near the 'color' rule's cuts and learns from there
     detach_predictor_input: bool = False  # True: the predictor reads the pre-layer tokens without sending
                                    # its straight-through gradient back into them (the backbone learns
                                    # from the task only)
@@ -95,6 +98,11 @@ class DTPConfig:
         if self.reinforce_baseline != 'batch' and self.train_boundaries != 'reinforce':
             raise ValueError(f"DTPConfig.reinforce_baseline={self.reinforce_baseline!r} needs "
                              f"train_boundaries='reinforce' (it is the baseline of REINFORCE's reward)")
+        if not self.color_prior >= 0:
+            raise ValueError(f"DTPConfig.color_prior={self.color_prior}: must be >= 0 (0: no colour prior)")
+        if self.color_prior > 0 and self.boundary != 'gumbel':
+            raise ValueError(f"DTPConfig.color_prior={self.color_prior} needs boundary='gumbel' (it is added to the "
+                             f"predictor's logits; boundary='color' is the same cuts without weights)")
         if not self.position_prior >= 0:
             raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
         if self.extent_embedding and self.boundary == 'none':
@@ -398,6 +406,8 @@ class DTPViT(nn.Module):
                 # its logits in predict_boundaries.
                 fixed = fixed_boundaries(1, N, cfg.n_segments)[0]
                 self.predictor.register_parameter('position_bias', nn.Parameter(cfg.position_prior * (2 * fixed - 1)))
+            if cfg.color_prior > 0:  # where the pixels change colour, at first (one learned gain)
+                self.predictor.register_parameter('color_gain', nn.Parameter(torch.tensor(cfg.color_prior)))
         if cfg.extent_embedding:
             # Row i: added to the pooled token of a segment that starts (ends) at patch i of the scan.
             # Zero at first, so a model loaded from OpenCLIP weights computes what it did without them.
@@ -423,11 +433,7 @@ class DTPViT(nn.Module):
             # colour of patch t + 1 differs most from its own (Euclidean, in the normalised input).
             # The segments of an image then stay the same through the whole run, while the features a
             # 'cosine' cut reads change as the tower learns.
-            rgb = F.avg_pool2d(images.float(), cfg.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
-            if cfg.scan != 'raster':
-                rgb = rgb.index_select(1, self.scan_order)
-            change = (rgb[:, :-1] - rgb[:, 1:]).norm(dim=-1)     # (B, N - 1)
-            return topk_boundaries(F.pad(change, (0, 1)), cfg.n_segments), None, None
+            return topk_boundaries(self.color_change(images), cfg.n_segments), None, None
         if cfg.boundary == 'cosine':
             # A router without weights (H-Net's cosine router with identity projections): close a
             # segment after patch t where patch t + 1 looks least like it (cosine of their features),
@@ -443,6 +449,10 @@ class DTPViT(nn.Module):
             logits = float32_call(self.predictor, patches.detach() if detach else patches).squeeze(-1)
             if cfg.position_prior > 0:
                 logits = logits + self.predictor.position_bias.float()
+            if cfg.color_prior > 0:  # z-scored, so that the gain alone says how much colour counts
+                change = self.color_change(images)[:, :-1]
+                change = (change - change.mean(1, keepdim=True)) / change.std(1, keepdim=True).clamp_min(1e-3)
+                logits = logits + self.predictor.color_gain.float() * F.pad(change, (0, 1))
             if self.training and cfg.train_boundaries == 'reinforce':
                 b, log_prob = sampled_topk(logits, cfg.n_segments, cfg.boundary_noise)
                 return b, logits, log_prob
@@ -454,6 +464,14 @@ class DTPViT(nn.Module):
         if cfg.eval_boundaries == 'topk':
             return topk_boundaries(logits, cfg.n_segments), logits, None
         return (logits > 0).float(), logits, None
+
+    def color_change(self, images):
+        """(B, N): how far the mean colour of the next patch in scan order is from this patch's
+        (Euclidean, in the normalised input); 0 at the last patch, which closes a segment anyway."""
+        rgb = F.avg_pool2d(images.float(), self.cfg.patch_size).flatten(2).transpose(1, 2)  # (B, N, 3)
+        if self.cfg.scan != 'raster':
+            rgb = rgb.index_select(1, self.scan_order)
+        return F.pad((rgb[:, :-1] - rgb[:, 1:]).norm(dim=-1), (0, 1))
 
     def forward(self, images, boundaries=None):
         """images (B, 3, H, W) -> (features (B, embed_dim), aux).

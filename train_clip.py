@@ -60,6 +60,7 @@ train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'to
                                 # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each pair's loss)
 reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' (the image's own top-k cuts)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
+color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
@@ -166,6 +167,8 @@ def zero_shot(step):
     result = evaluate(logits_fn, val_loader, device, precision, object_patches, class_groups)
     save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), model.visual, val_loader, device, precision)
     model.train()
+    if model.visual.cfg.color_prior > 0:  # how much the router's logits still weigh colour changes
+        result['color_gain'] = model.visual.predictor.color_gain.item()
     return dict(step=step, zeroshot_top1=result.pop('top1'), zeroshot_top5=result.pop('top5'),
                 eval_compression=result.pop('compression'), **result)
 

@@ -131,7 +131,7 @@ def closed_form(cfg: DTPConfig, n_segments=None):
 
 def plain_config(cfg):
     """The plain ViT of a DTP config: the same geometry, no pooling (and so none of DTP's own modules)."""
-    return dataclasses.replace(cfg, boundary='none', extent_embedding=False)
+    return dataclasses.replace(cfg, boundary='none', extent_embedding=False, color_prior=0.0)
 
 
 def gmacs(cfg, n_segments=None):

@@ -197,6 +197,20 @@ def test_checkpoint_with_extent_embeddings_compares_to_the_plain_vit(tmp_path):
     assert ideal['gmacs'] == pytest.approx(flops.gmacs(cfg)) == pytest.approx(padded['gmacs'])
 
 
+
+def test_checkpoint_of_the_color_prior_router_compares_to_the_plain_vit(tmp_path):
+    """A learned router with a colour prior (its gain a weight of the predictor): flops.py reads the
+    checkpoint, and its plain-ViT row drops the predictor, gain included."""
+    model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
+                      **{**TINY, 'boundary': 'gumbel', 'train_boundaries': 'reinforce', 'color_prior': 4.0})
+    clip = load_openclip(**model_args)
+    torch.save(dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-B-32'), step=1),
+               tmp_path / 'ckpt.pt')
+    write_images(tmp_path / 'val', 4)
+    plain, ideal, _ = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val'), '--json'])
+    assert plain['params'] == ideal['params'] - sum(p.numel() for p in clip.visual.predictor.parameters())
+    assert plain['gmacs'] == pytest.approx(flops.gmacs(flops.plain_config(clip.visual.cfg)))
+
 def test_checkpoint_skips_and_counts_unreadable_images(tmp_path, capsys):
     model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
                       **{**TINY, 'boundary': 'fixed'})

@@ -60,6 +60,9 @@ RUNS = {
         (mmacs('gumbel', r), f'scrl2-ext{r}x-raster' if r != 4 else 'scrl2-ext-raster',
          f'config/shapes_reinforce4x.py --reinforce_baseline=greedy --boundary_noise=2 --compression={r}')
         for r in (4, 10)],
+    'learned, from colour cuts': [
+        (mmacs('gumbel', r), f'colorprior{r}x-raster' if r != 4 else 'colorprior-raster',
+         f'config/shapes_colorprior10x.py --compression={r}') for r in (4, 10)],
     'ToMe': [(mmacs('tome', cost=c), f'tome{r}x', f'config/shapes_tome4x.py --tome_cost={c}')
              for r, c in TOME_COSTS.items()],
     'fixed, training-free': [(mmacs('fixed', r), f'tf-fixed{r}x', f'{TF} --boundary=fixed --compression={r}')
@@ -73,10 +76,11 @@ RUNS = {
 # Seeds behind each trained point in the README's tables (others: seed 0 only).
 SEEDS = {'vit': 3, 'fixed-raster': 5, 'dtp-raster': 3, 'cosinesize-raster': 3, 'tome4x': 3, 'fixed10x-raster': 5,
          'cosinesize10x-raster': 5, 'color-raster': 3, 'color10x-raster': 5, 'rl-ext-raster': 2,
-         'rl-ext10x-raster': 5, 'scrl2-ext-raster': 5, 'scrl2-ext10x-raster': 5}
+         'rl-ext10x-raster': 5, 'scrl2-ext-raster': 5, 'scrl2-ext10x-raster': 5,
+         'colorprior-raster': 3, 'colorprior10x-raster': 5}
 COLOURS = {'plain ViT': '#000000', 'fixed pooling': '#1f77b4', 'learned DTP (Gumbel)': '#d62728', 'ToMe': '#2ca02c',
            'cosine router': '#9467bd', 'colour router': '#ff7f0e', 'REINFORCE router': '#8c564b',
-           'REINFORCE, self-critical, noise 2': '#e377c2',
+           'REINFORCE, self-critical, noise 2': '#e377c2', 'learned, from colour cuts': '#bcbd22',
            'fixed, training-free': '#1f77b4', 'cosine router, training-free': '#9467bd', 'ToMe, training-free': '#2ca02c'}
 
 
@@ -99,9 +103,9 @@ def collect(runs_dir):
     return out
 
 
-def draw(results, path, size=(1000, 600)):
+def draw(results, path, size=(1040, 600)):
     W, H = size
-    left, right, top, bottom = 70, 330, 40, 60
+    left, right, top, bottom = 70, 370, 40, 60
     xs = [p[0] for pts in results.values() for p in pts]
     ys = [v for pts in results.values() for p in pts for v in p[1:4]]
     x0, x1 = 5 * int(min(xs) // 5), 5 * int(max(xs) // 5 + 1)

@@ -402,6 +402,17 @@ def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path, baseline
     check_reinforce_run('train_clip.py', TINY, tmp_path, steps=10, baseline=baseline)
 
 
+
+def test_a_color_prior_run_logs_the_gain_it_learned(tmp_path):
+    """color_prior: the router's colour gain is a trained weight, and the zero-shot record logs where it is."""
+    out = str(tmp_path / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=6', '--log_interval=2', '--train_boundaries=reinforce',
+        '--reinforce_baseline=greedy', '--color_prior=4', '--router_lr_scale=10')
+    gain = load_ckpt(out)['model']['visual.predictor.color_gain'].item()
+    final = [r for r in records(out) if 'zeroshot_top1' in r][-1]
+    assert final['color_gain'] == pytest.approx(gain) and gain != 4.0
+    assert all(r['compression'] == 4.0 for r in train_records(out))
+
 def test_resume_is_bit_exact(tmp_path):
     """Stopped at step 10 and resumed, a run ends with the weights of one that never stopped: the Gumbel
     noise after step 10 is the same draws."""

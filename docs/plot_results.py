@@ -77,7 +77,7 @@ RUNS = {
 SEEDS = {'vit': 3, 'fixed-raster': 5, 'dtp-raster': 3, 'cosinesize-raster': 3, 'tome4x': 3, 'fixed10x-raster': 5,
          'cosinesize10x-raster': 5, 'color-raster': 3, 'color10x-raster': 5, 'rl-ext-raster': 2,
          'rl-ext10x-raster': 5, 'scrl2-ext-raster': 5, 'scrl2-ext10x-raster': 5,
-         'colorprior-raster': 3, 'colorprior10x-raster': 5}
+         'colorprior-raster': 5, 'colorprior10x-raster': 5}
 COLOURS = {'plain ViT': '#000000', 'fixed pooling': '#1f77b4', 'learned DTP (Gumbel)': '#d62728', 'ToMe': '#2ca02c',
            'cosine router': '#9467bd', 'colour router': '#ff7f0e', 'REINFORCE router': '#8c564b',
            'REINFORCE, self-critical, noise 2': '#e377c2', 'learned, from colour cuts': '#bcbd22',

@@ -138,3 +138,16 @@ def check_reinforce_run(script, config, tmp_path, steps, baseline):
     assert weights['visual.predictor.3.weight'].any()  # zero at the start: REINFORCE moved it
     assert not torch.equal(weights['visual.predictor.position_bias'].abs(),
                            torch.full_like(weights['visual.predictor.position_bias'], 2.0))
+
+
+def check_distortion_weight(script, config, tmp_path):
+    """distortion_weight: the same REINFORCE run (same seed, same draws) with the pooling distortion in the
+    samples' cost trains its router differently from one without, and logs the distortion, a share in (0, 1)."""
+    outs = [str(tmp_path / f'weight{w}') for w in (0, 1)]
+    for out, weight in zip(outs, (0, 1)):
+        run_script(script, config, f'--out_dir={out}', '--max_steps=4', '--log_interval=2',
+                   '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10',
+                   '--reinforce_baseline=greedy', f'--distortion_weight={weight}')
+    assert all(0 < r['distortion'] < 1 for out in outs for r in train_records(out))
+    without, with_ = (load_ckpt(out)['model'] for out in outs)
+    assert not torch.equal(without['visual.predictor.3.weight'], with_['visual.predictor.3.weight'])

@@ -340,6 +340,18 @@ def pool_segments(x, b, count=None):
     return pooled, real, sizes
 
 
+def pooling_distortion(x, b, pooled):
+    """(B,): the share of the patches' variance (about their image's mean) that replacing each patch of
+    x (B, N, D) by the mean of its segment (pooled, from pool_segments over the cuts b) throws away: 0
+    when the patches of every segment are alike, 1 when every segment's mean is the image's mean. A
+    reading, without gradient: REINFORCE can add it to a sample's cost, to pay for segments that their
+    mean token describes well (see distortion_weight in the training scripts)."""
+    x, pooled = x.detach().float(), pooled.detach().float()
+    seg = segment_ids(b.detach()).long().unsqueeze(-1).expand_as(x)
+    lost = (x - pooled.gather(1, seg)).square().sum(dim=(1, 2))
+    return lost / (x - x.mean(dim=1, keepdim=True)).square().sum(dim=(1, 2)).clamp(min=1e-6)
+
+
 class Packing:
     """The real tokens of a padded batch, packed. Images keep different numbers of segments, so the
     pooled batch is padded to the largest. Padding must never be attended to (a key-padding mask),
@@ -484,7 +496,8 @@ class DTPViT(nn.Module):
         boundaries (B, N) and, when there is a predictor, boundary_logits (B, N), both in scan order
         (patch i of the scan is patch scan_order[i] of the grid); training with REINFORCE,
         boundary_log_prob (B,), the log-probability of each image's sampled boundaries, and with
-        reinforce_baseline='greedy', greedy_features (B, embed_dim): the image with its top-k cuts.
+        reinforce_baseline='greedy', greedy_features (B, embed_dim): the image with its top-k cuts; training
+        with REINFORCE, pooling_distortion (B,) of the sampled cuts (and greedy_distortion, of the top-k cuts).
         """
         cfg = self.cfg
         if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
@@ -502,7 +515,8 @@ class DTPViT(nn.Module):
             # rewards the sample by how much better its loss came out than these features'.
             greedy = topk_boundaries(aux['boundary_logits'].detach(), cfg.n_segments)
             with torch.no_grad():
-                aux['greedy_features'], _ = self.pool_and_finish(x, images, greedy)
+                aux['greedy_features'], greedy_aux = self.pool_and_finish(x, images, greedy)
+            aux['greedy_distortion'] = greedy_aux['pooling_distortion']
         return features, aux
 
     def pool_and_finish(self, x, images, boundaries=None):
@@ -527,7 +541,7 @@ class DTPViT(nn.Module):
         cfg = self.cfg
         B, N = x.shape[0], x.shape[1] - 1
         if cfg.boundary == 'none':
-            b, logits, log_prob, packing = x.new_ones(B, N, dtype=torch.float32), None, None, None
+            b, logits, log_prob, packing, distortion = x.new_ones(B, N, dtype=torch.float32), None, None, None, None
             sizes = b
         else:
             patches = x[:, 1:]
@@ -543,6 +557,8 @@ class DTPViT(nn.Module):
             exact = cfg.boundary != 'gumbel' or (cfg.train_boundaries in ('topk', 'reinforce') if self.training
                                                  else cfg.eval_boundaries == 'topk')
             segments, real, sizes = pool_segments(patches, b, cfg.n_segments if exact and boundaries is None else None)
+            reinforce = self.training and cfg.train_boundaries == 'reinforce'
+            distortion = pooling_distortion(patches, b, segments) if reinforce else None
             if cfg.extent_embedding:
                 segments = segments + self.extent(b.detach(), segments.shape[1]).to(segments.dtype)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled
@@ -564,6 +580,8 @@ class DTPViT(nn.Module):
             aux['boundary_logits'] = logits
         if log_prob is not None:  # train_boundaries='reinforce': see reinforce_loss in train_utils.py
             aux['boundary_log_prob'] = log_prob
+        if distortion is not None:  # REINFORCE may add it to the samples' cost (distortion_weight)
+            aux['pooling_distortion'] = distortion
         return x, packing, aux
 
     def extent(self, b, n_segments):

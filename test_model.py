@@ -5,11 +5,12 @@ import math
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import model as M
 from model import CLIP, DTPConfig, DTPViT, load_openclip
-from train_utils import reinforce_loss
+from train_utils import distortion_cost, reinforce_loss
 
 TEXT_TINY = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 
@@ -732,6 +733,69 @@ def test_with_the_greedy_baseline_a_sample_equal_to_the_greedy_cuts_teaches_noth
 def test_the_greedy_baseline_needs_reinforce():
     with pytest.raises(ValueError, match="reinforce_baseline='greedy' needs train_boundaries='reinforce'"):
         DTPConfig(train_boundaries='topk', reinforce_baseline='greedy')
+
+
+def test_pooling_distortion_is_the_share_of_variance_the_segment_means_lose():
+    torch.manual_seed(0)
+    x, b = torch.randn(3, 12, 5), (torch.rand(3, 12) < 0.3).float()
+    b[:, -1] = 1
+    got = M.pooling_distortion(x, b, M.pool_segments(x, b)[0])
+    for i in range(3):  # by hand: each patch against its segment's mean, over each patch against the image's
+        lost, start = 0.0, 0
+        for end in b[i].nonzero().flatten().tolist():
+            lost, start = lost + (x[i, start:end + 1] - x[i, start:end + 1].mean(0)).square().sum(), end + 1
+        assert torch.allclose(got[i], lost / (x[i] - x[i].mean(0)).square().sum(), atol=1e-6)
+    one = F.pad(torch.zeros(3, 11), (0, 1), value=1.0)  # a single segment: its mean is the image's
+    assert torch.allclose(M.pooling_distortion(x, one, M.pool_segments(x, one)[0]), torch.ones(3))
+    assert M.pooling_distortion(x, torch.ones(3, 12), x).abs().max() < 1e-6  # a patch per segment: nothing lost
+
+
+def test_reinforce_with_the_distortion_cost_learns_where_the_patches_change():
+    """REINFORCE on the pooling distortion alone (distortion_weight's term, against the greedy cuts): in
+    images of three runs of one colour each, the router starts at fixed pooling's evenly spaced cuts
+    (its colour gain too small to matter), learns to weigh the colour change between patches, and ends
+    cutting where the runs end, with far less lost by the segments' means."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(train_boundaries='reinforce', reinforce_baseline='greedy', position_prior=2.0, color_prior=0.1,
+                      compression=5, image_size=16, patch_size=4))  # 16 patches, 3 segments: 2 cuts to place
+
+    def images(n):  # cuts after two random patches of each image, which close its first two runs
+        changes = torch.rand(n, 15).argsort(1)[:, :2]
+        run = (torch.arange(16) > changes[:, :1]).long() + (torch.arange(16) > changes[:, 1:]).long()  # (n, 16)
+        colours = torch.randn(n, 3, 3).gather(2, run[:, None].expand(-1, 3, -1)).view(n, 3, 4, 4)
+        x = colours.repeat_interleave(4, 2).repeat_interleave(4, 3) + 0.05 * torch.randn(n, 3, 16, 16)
+        return x, F.one_hot(changes, 16).sum(1)  # the images and their (n, 16) true cuts
+
+    def greedy(x):
+        with torch.no_grad():
+            _, aux = vit.train()(x)
+            return aux['greedy_distortion'].mean().item()
+
+    x, truth = images(256)
+    start, fixed = greedy(x), DTPViT(tiny(boundary='fixed', compression=5, image_size=16, patch_size=4))
+    assert torch.equal(vit.eval()(x)[1]['boundaries'], fixed(x)[1]['boundaries'])
+    optimizer = torch.optim.Adam(vit.predictor.parameters(), lr=0.05)
+    for _ in range(100):
+        _, aux = vit.train()(images(32)[0])
+        optimizer.zero_grad()
+        reinforce_loss(distortion_cost(aux), aux['boundary_log_prob']).backward()
+        optimizer.step()
+    cuts = vit.eval()(x)[1]['boundaries'][:, :-1]
+    assert (cuts * truth[:, :-1]).sum() > 0.9 * cuts.sum()  # where a colour ends
+    assert greedy(x) < 0.6 * start and vit.predictor.color_gain > 1
+
+
+def test_the_pooling_distortion_is_reported_where_reinforce_can_use_it():
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    vit = DTPViT(tiny(train_boundaries='reinforce', reinforce_baseline='greedy', compression=4, boundary_noise=1e-4))
+    with torch.no_grad():
+        vit.predictor[-1].weight.normal_()  # distinct logits: the tiny noise moves no cut
+        _, aux = vit.train()(images)
+        assert aux['pooling_distortion'].shape == (4,) and aux['pooling_distortion'].gt(0).all()
+        assert torch.allclose(aux['pooling_distortion'], aux['greedy_distortion'])  # the same cuts
+        assert 'pooling_distortion' not in vit.eval()(images)[1]
+        assert 'pooling_distortion' not in DTPViT(tiny(train_boundaries='topk')).train()(images)[1]
 
 
 def test_reinforce_needs_noise():

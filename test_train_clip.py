@@ -9,8 +9,8 @@ import torch
 
 import data
 from model import DTPConfig
-from conftest import (check_job_wide_sigterm_with_workers, check_reinforce_run, check_sigterm_loses_nothing,
-                      load_ckpt, read_shard, records, run_script, train_records, write_tar)
+from conftest import (check_distortion_weight, check_job_wide_sigterm_with_workers, check_reinforce_run,
+                      check_sigterm_loses_nothing, load_ckpt, read_shard, records, run_script, train_records, write_tar)
 from train_utils import cosine_lr
 
 TINY = 'config/shapes_tiny.py'
@@ -400,6 +400,10 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
 @pytest.mark.parametrize('baseline', ['batch', 'greedy'])
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path, baseline):
     check_reinforce_run('train_clip.py', TINY, tmp_path, steps=10, baseline=baseline)
+
+
+def test_the_distortion_weight_enters_the_routers_reward(tmp_path):
+    check_distortion_weight('train_clip.py', TINY, tmp_path)
 
 
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import (check_job_wide_sigterm_with_workers, check_reinforce_run, check_sigterm_loses_nothing,
-                      load_ckpt, records, run_script, train_records)
+from conftest import (check_distortion_weight, check_job_wide_sigterm_with_workers, check_reinforce_run,
+                      check_sigterm_loses_nothing, load_ckpt, records, run_script, train_records)
 from model import load_openclip
 from train_utils import cosine_lr
 
@@ -257,6 +257,10 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
 @pytest.mark.parametrize('baseline', ['batch', 'greedy'])
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path, baseline):
     check_reinforce_run('train_cls.py', TINY, tmp_path, steps=6, baseline=baseline)
+
+
+def test_the_distortion_weight_enters_the_routers_reward(tmp_path):
+    check_distortion_weight('train_cls.py', TINY, tmp_path)
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -254,6 +254,8 @@ SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layer
     (dict(epochs=0, max_steps=0), r'epochs=0 and max_steps=0: nothing to train'),
     (dict(grad_clip=-1.0), r'grad_clip=-1.0: must be >= 0 \(0: off\)'),  # negative: gradient ascent, silently
     (dict(router_lr_scale=-1.0), r'router_lr_scale=-1.0: must be >= 0'),
+    (dict(distortion_weight=-1.0), r'distortion_weight=-1.0: must be >= 0'),
+    (dict(distortion_weight=1.0), r"distortion_weight=1.0 needs train_boundaries='reinforce'"),
     (dict(reinforce_baseline='mean'), r"reinforce_baseline='mean': expected one of \('batch', 'greedy'\)"),
     (dict(reinforce_baseline='greedy'), r"reinforce_baseline='greedy' needs train_boundaries='reinforce'"),
     (dict(workers=-1), r'workers=-1: must be >= 0'),

@@ -29,8 +29,8 @@ from train_utils import (accumulate, autocast, check_settings, config_keys, conf
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, together, unwrap,
-                         wrap_model)
+                         distortion_cost, reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, together,
+                         unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
@@ -83,6 +83,8 @@ weight_decay = 0.1
 boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
 grad_clip = 1.0             # max gradient norm (0: off)
 router_lr_scale = 1.0       # the boundary predictor's lr, relative to lr
+distortion_weight = 0.0     # REINFORCE: + this x the pooling distortion (share of the pre-layer features' variance
+                            # that the segment means lose) in each image's cost, to pay for homogeneous segments
 precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
 compile = False             # torch.compile the model
 seed = 0
@@ -119,7 +121,8 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 # (the batches skipped to reach its position); ToMe's settings may change only for evaluation (a plain
 # run's model evaluated with ToMe, training-free)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'] + (
-    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost', 'router_lr_scale']),
+    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost', 'router_lr_scale',
+                          'distortion_weight']),
     world_size=None if eval_only else world_size)
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
@@ -260,6 +263,8 @@ while step < total_steps:
                 if 'greedy_features' in out:  # self-critical: measured against the image's own top-k cuts
                     greedy = F.normalize(out['greedy_features'], dim=-1).to(out['image_features'].dtype)
                     sample_losses = sample_losses - pair_losses(dict(out, image_features=greedy))
+                if distortion_weight:
+                    sample_losses = sample_losses + distortion_weight * distortion_cost(out)
                 reinforce = reinforce_loss(sample_losses, out['boundary_log_prob'])
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, clip.parameters(), grad_clip)
@@ -271,7 +276,7 @@ while step < total_steps:
         seen += 1
 
         if 'boundary_log_prob' in out:
-            accumulate(dict(reinforce=reinforce), window)
+            accumulate(dict(reinforce=reinforce, distortion=out['pooling_distortion'].mean()), window)
         accumulate(dict(loss=loss, contrastive=contrastive, boundary=out['boundary_loss'],
                         compression=out['compression'], step_time=t2 - t1, data_time=t1 - t0, n=1), window)
         accumulate(dict(step_time=t2 - t1, n=1), epoch_stats)

@@ -30,7 +30,8 @@ from train_utils import (accumulate, autocast, check_settings, config_keys, conf
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, unwrap, wrap_model)
+                         distortion_cost, reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, unwrap,
+                         wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -83,6 +84,8 @@ label_smoothing = 0.1
 boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
 grad_clip = 1.0             # max gradient norm (0: off)
 router_lr_scale = 1.0       # the boundary predictor's lr, relative to lr
+distortion_weight = 0.0     # REINFORCE: + this x the pooling distortion (share of the pre-layer features' variance
+                            # that the segment means lose) in each image's cost, to pay for homogeneous segments
 precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
 compile = False             # torch.compile the model
 seed = 0
@@ -128,7 +131,8 @@ class Classifier(nn.Module):
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
 # resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
-                                                                     'batch_size', 'router_lr_scale'],
+                                                                     'batch_size', 'router_lr_scale',
+                                                                     'distortion_weight'],
                                     world_size=None if eval_only else world_size)
 if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
     raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
@@ -275,6 +279,8 @@ while step < total_steps:
                         greedy = unwrap(model).head(F.normalize(aux['greedy_features'], dim=-1))
                     per_image = per_image - F.cross_entropy(greedy.float(), labels, reduction='none',
                                                             label_smoothing=label_smoothing)
+                if distortion_weight:
+                    per_image = per_image + distortion_weight * distortion_cost(aux)
                 reinforce = reinforce_loss(per_image, aux['boundary_log_prob'])
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, net.parameters(), grad_clip)
@@ -284,7 +290,7 @@ while step < total_steps:
         torch.manual_seed(step_seed(seed, rank, step))
 
         if 'boundary_log_prob' in aux:
-            accumulate(dict(reinforce=reinforce), window)
+            accumulate(dict(reinforce=reinforce, distortion=aux['pooling_distortion'].mean()), window)
         accumulate(dict(loss=loss, ce=ce, boundary=aux['boundary_loss'], compression=aux['compression'],
                         step_time=t2 - t1, data_time=t1 - t0, n=1), window, epoch_stats)
         bar.update()

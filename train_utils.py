@@ -155,10 +155,13 @@ def check_settings(config):
     for key, low in (('batch_size', 1), ('log_interval', 1), ('ckpt_interval', 1), ('eval_interval', 0),
                      ('epochs', 0), ('max_steps', 0), ('warmup_steps', 0), ('lr', 0), ('min_lr', 0),
                      ('lr_decay_steps', 0), ('workers', 0), ('weight_decay', 0), ('boundary_loss_weight', 0),
-                     ('router_lr_scale', 0),
+                     ('router_lr_scale', 0), ('distortion_weight', 0),
                      ('grad_clip', 0)):  # a negative grad_clip would flip the gradients: the run climbs the loss
         if key in config and not config[key] >= low:
             refuse(f'{key}={config[key]!r}: must be >= {low}' + (' (0: off)' if key == 'grad_clip' else ''))
+    if config.get('distortion_weight') and config.get('train_boundaries') != 'reinforce':
+        refuse(f"distortion_weight={config['distortion_weight']!r} needs train_boundaries='reinforce' (it is a "
+               f"term of REINFORCE's reward; got train_boundaries={config.get('train_boundaries')!r})")
     if 'label_smoothing' in config and not 0 <= config['label_smoothing'] <= 1:
         refuse(f"label_smoothing={config['label_smoothing']!r}: must be between 0 and 1")
     if config.get('imagenet_val') is not None and not isinstance(config['imagenet_val'], str):
@@ -383,6 +386,13 @@ def reinforce_loss(sample_losses, log_prob):
     advantage = sample_losses.detach().float()
     advantage = (advantage.mean() - advantage) / (advantage.std(correction=0) + 1e-6)
     return -(advantage * log_prob).mean()
+
+
+def distortion_cost(aux):
+    """(B,) what REINFORCE's cost adds per unit of distortion_weight: the pooling distortion of each
+    image's sampled cuts (model.pooling_distortion), less that of its own top-k cuts where the baseline
+    is 'greedy' (the same difference the task loss enters as)."""
+    return aux['pooling_distortion'] - aux.get('greedy_distortion', 0.0)
 
 
 def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):

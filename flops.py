@@ -123,7 +123,8 @@ def closed_form(cfg: DTPConfig, n_segments=None):
         'qkv + out projections': sum(L * D * 3 * D + L * D * D for L in tokens),
         'attention matmuls': sum(2 * L * L * D for L in tokens),  # q k^T and attn v, all heads together
         'MLPs': sum(2 * L * D * hidden for L in tokens),
-        'boundary predictor': N * (D * h + h) if cfg.boundary == 'gumbel' else 0,  # Linear(D,h), Linear(h,1)
+        # Linear(D, h) (Linear(2 D, h) reading pairs), Linear(h, 1)
+        'boundary predictor': N * ((2 if cfg.predictor_pairs else 1) * D * h + h) if cfg.boundary == 'gumbel' else 0,
         'pooling': S * N * D if dtp else 0,  # einsum('bns,bnd->bsd'): segment weights x patch tokens
         'projection': D * cfg.embed_dim,  # [CLS] (or mean) token -> embedding
     }
@@ -131,7 +132,7 @@ def closed_form(cfg: DTPConfig, n_segments=None):
 
 def plain_config(cfg):
     """The plain ViT of a DTP config: the same geometry, no pooling (and so none of DTP's own modules)."""
-    return dataclasses.replace(cfg, boundary='none', extent_embedding=False, color_prior=0.0)
+    return dataclasses.replace(cfg, boundary='none', extent_embedding=False, color_prior=0.0, predictor_pairs=False)
 
 
 def gmacs(cfg, n_segments=None):

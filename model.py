@@ -72,6 +72,9 @@ class DTPConfig:
     eval_boundaries: str = 'topk'  # eval: 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
     scan: str = 'raster'           # order of the patches that segments are runs of: 'raster' or 'hilbert'
     predictor_hidden: Optional[int] = None  # hidden size of the boundary predictor (None: width)
+    predictor_pairs: bool = False  # True: the predictor reads each patch's features with their change to the
+                                   # next patch's (in scan order), so it can learn to cut where the features
+                                   # change; otherwise it sees one patch (and what attention mixed into it)
     pool: str = 'cls'              # image embedding: the 'cls' token or the 'mean' of the segments
     extent_embedding: bool = False # True: add a learned embedding of each segment's first and of its last
                                    # patch to its pooled token (where it lies and how long it is, which the
@@ -105,6 +108,9 @@ class DTPConfig:
                              f"predictor's logits; boundary='color' is the same cuts without weights)")
         if not self.position_prior >= 0:
             raise ValueError(f"DTPConfig.position_prior={self.position_prior}: must be >= 0 (0: no position prior)")
+        if self.predictor_pairs and self.boundary != 'gumbel':
+            raise ValueError(f"DTPConfig.predictor_pairs=True needs boundary='gumbel' (the learned predictor's input; "
+                             f"boundary={self.boundary!r} has no predictor)")
         if self.extent_embedding and self.boundary == 'none':
             raise ValueError("DTPConfig.extent_embedding=True needs pooling: the plain ViT (boundary='none') "
                              "has no segments")
@@ -402,8 +408,8 @@ class DTPViT(nn.Module):
         self.transformer = nn.ModuleDict(dict(resblocks=nn.ModuleList(
             Block(width, cfg.heads, cfg.mlp_ratio, act_layer) for _ in range(cfg.pre_layers + cfg.short_layers))))
         if cfg.boundary == 'gumbel':
-            hidden = cfg.predictor_hidden or width
-            self.predictor = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(),
+            hidden, reads = cfg.predictor_hidden or width, 2 * width if cfg.predictor_pairs else width
+            self.predictor = nn.Sequential(nn.LayerNorm(reads), nn.Linear(reads, hidden), nn.GELU(),
                                            nn.Linear(hidden, 1))
             # Start at the target rate: N / compression boundaries per image, one of which is the
             # last patch's (always a boundary), so the other N - 1 patches get the rest.
@@ -458,7 +464,10 @@ class DTPViT(nn.Module):
         with torch.autocast(patches.device.type, enabled=False):
             # REINFORCE's gradient is the predictor's alone: the backbone learns from the task only
             detach = cfg.detach_predictor_input or cfg.train_boundaries == 'reinforce'
-            logits = float32_call(self.predictor, patches.detach() if detach else patches).squeeze(-1)
+            reads = patches.detach() if detach else patches
+            if cfg.predictor_pairs:  # patch t and how patch t + 1 differs (zero at the last, a boundary anyway)
+                reads = torch.cat([reads, F.pad((reads[:, 1:] - reads[:, :-1]).abs(), (0, 0, 0, 1))], dim=-1)
+            logits = float32_call(self.predictor, reads).squeeze(-1)
             if cfg.position_prior > 0:
                 logits = logits + self.predictor.position_bias.float()
             if cfg.color_prior > 0:  # z-scored, so that the gain alone says how much colour counts

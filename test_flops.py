@@ -295,6 +295,17 @@ def test_weightless_routers_are_counted_by_the_closed_form(boundary, extent):
     count = flops.fvcore_count(DTPViT(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
     assert count == pytest.approx(1e9 * flops.gmacs(cfg), rel=1e-6) and cfg.n_segments == 12
 
+def test_a_predictor_reading_pairs_is_counted_by_the_closed_form():
+    """predictor_pairs doubles the predictor's first layer (it reads 2 D features per patch): fvcore's count
+    of the ViT-B-32 tower equals the closed form, N (2 D h + h) for the predictor, and the plain ViT of that
+    config drops it with the rest of the predictor."""
+    cfg = dataclasses.replace(flops.base_config('ViT-B-32'), boundary='gumbel', compression=4.0, predictor_pairs=True)
+    count = flops.fvcore_count(DTPViT(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
+    assert count == pytest.approx(1e9 * flops.gmacs(cfg), rel=1e-6)
+    assert flops.closed_form(cfg)['boundary predictor'] == 49 * (2 * 768 * 768 + 768)
+    assert DTPViT(flops.plain_config(cfg))  # a valid config: no predictor to read pairs
+
+
 def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
     root = data.make_shapes(tmp_path / 'shapes', n_train=8, n_val=12, image_size=32, shard_size=8, workers=1)['root']
     clip = load_openclip(model_name='ViT-B-32', text=dict(width=32, heads=2, layers=1), **TINY)

@@ -61,6 +61,7 @@ train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'to
 reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' (the image's own top-k cuts)
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
+predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)

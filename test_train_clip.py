@@ -345,7 +345,7 @@ def test_a_new_run_never_replaces_a_checkpoint(four_steps):
 
 @pytest.mark.parametrize('arg', ['--pre_layers=2', '--boundary=none', '--compression=2.0',
                                  "--vision={'image_size': 64}", '--batch_size=16', '--seed=1',
-                                 '--train_num_samples=256', '--router_lr_scale=10.0'])
+                                 '--train_num_samples=256', '--router_lr_scale=10.0', '--predictor_pairs=True'])
 def test_resume_refuses_conflicting_settings(four_steps, arg):
     proc = run(TINY, f'--out_dir={four_steps}', '--max_steps=8', '--init_from=resume', arg, check=False)
     key = arg[2:].split('=')[0]

@@ -553,8 +553,9 @@ class DTPViT(nn.Module):
         counts differ, and the aux dict of forward()."""
         cfg = self.cfg
         B, N = x.shape[0], x.shape[1] - 1
+        distortion = None  # what the sampled cuts' segment means lose (REINFORCE training only)
         if cfg.boundary == 'none':
-            b, logits, log_prob, packing, distortion = x.new_ones(B, N, dtype=torch.float32), None, None, None, None
+            b, logits, log_prob, packing = x.new_ones(B, N, dtype=torch.float32), None, None, None
             sizes = b
         else:
             patches = x[:, 1:]
@@ -570,8 +571,8 @@ class DTPViT(nn.Module):
             exact = cfg.boundary != 'gumbel' or (cfg.train_boundaries in ('topk', 'reinforce') if self.training
                                                  else cfg.eval_boundaries == 'topk')
             segments, real, sizes = pool_segments(patches, b, cfg.n_segments if exact and boundaries is None else None)
-            reinforce = self.training and cfg.train_boundaries == 'reinforce'
-            distortion = pooling_distortion(patches, b, segments) if reinforce else None
+            if self.training and cfg.train_boundaries == 'reinforce':
+                distortion = pooling_distortion(patches, b, segments)
             if cfg.extent_embedding:
                 segments = segments + self.extent(b.detach(), segments.shape[1]).to(segments.dtype)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled

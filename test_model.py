@@ -595,14 +595,16 @@ def test_position_prior_starts_as_fixed_pooling_and_learns():
 
 
 
-@pytest.mark.parametrize('scan', ['raster', 'hilbert'])
-def test_color_prior_starts_as_the_color_rule_and_learns(scan):
-    """color_prior: the predictor starts with the 'color' rule's cuts (same top-k, any scan order), and
-    both REINFORCE and the straight-through gradient reach the gain that weighs the colour changes."""
+@pytest.mark.parametrize('scan, pairs', [('raster', False), ('hilbert', False), ('raster', True)])
+def test_color_prior_starts_as_the_color_rule_and_learns(scan, pairs):
+    """color_prior: the predictor starts with the 'color' rule's cuts (same top-k, any scan order, reading one
+    patch or pairs, as config/shapes_pairscolor10x.py), and both REINFORCE and the straight-through gradient
+    reach the gain that weighs the colour changes."""
     torch.manual_seed(0)
     images = torch.randn(4, 3, 32, 32)
     color = DTPViT(tiny(boundary='color', compression=4, scan=scan)).eval()
-    vit = DTPViT(tiny(train_boundaries='reinforce', color_prior=4.0, compression=4, scan=scan)).eval()
+    vit = DTPViT(tiny(train_boundaries='reinforce', color_prior=4.0, compression=4, scan=scan,
+                      predictor_pairs=pairs)).eval()
     with torch.no_grad():
         assert torch.equal(vit(images)[1]['segment_ids'], color(images)[1]['segment_ids'])
         assert not torch.equal(vit(images)[1]['segment_ids'], DTPViT(tiny(boundary='fixed'))(images)[1]['segment_ids'])
@@ -610,7 +612,8 @@ def test_color_prior_starts_as_the_color_rule_and_learns(scan):
     reinforce_loss(features.square().sum(1), aux['boundary_log_prob']).backward()
     assert vit.predictor.color_gain.grad.abs() > 0
     assert 'predictor.color_gain' in dict(vit.named_parameters())  # the router's lr, not the backbone's
-    topk = DTPViT(tiny(train_boundaries='topk', color_prior=4.0, compression=4, scan=scan)).train()
+    topk = DTPViT(tiny(train_boundaries='topk', color_prior=4.0, compression=4, scan=scan,
+                       predictor_pairs=pairs)).train()
     topk(images)[0].square().sum().backward()
     assert topk.predictor.color_gain.grad.abs() > 0
 

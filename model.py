@@ -75,9 +75,6 @@ class DTPConfig:
     predictor_pairs: bool = False  # True: the predictor reads each patch's features with their change to the
                                    # next patch's (in scan order), so it can learn to cut where the features
                                    # change; otherwise it sees one patch (and what attention mixed into it)
-    distortion_on: str = 'tokens'  # what REINFORCE's pooling distortion is measured on: the pre-layer 'tokens'
-                                   # (position and context mixed in) or the 'patches' alone (the patch
-                                   # embedding, before the position embedding: content only)
     pool: str = 'cls'              # image embedding: the 'cls' token or the 'mean' of the segments
     extent_embedding: bool = False # True: add a learned embedding of each segment's first and of its last
                                    # patch to its pooled token (where it lies and how long it is, which the
@@ -86,8 +83,7 @@ class DTPConfig:
     def __post_init__(self):
         choices = dict(boundary=('gumbel', 'fixed', 'cosine', 'color', 'none'),
                        eval_boundaries=('topk', 'threshold'), pool=('cls', 'mean'), scan=('raster', 'hilbert'),
-                       train_boundaries=('bernoulli', 'topk', 'reinforce'), reinforce_baseline=('batch', 'greedy'),
-                       distortion_on=('tokens', 'patches'))
+                       train_boundaries=('bernoulli', 'topk', 'reinforce'), reinforce_baseline=('batch', 'greedy'))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DTPConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -105,9 +101,6 @@ class DTPConfig:
         if self.reinforce_baseline != 'batch' and self.train_boundaries != 'reinforce':
             raise ValueError(f"DTPConfig.reinforce_baseline={self.reinforce_baseline!r} needs "
                              f"train_boundaries='reinforce' (it is the baseline of REINFORCE's reward)")
-        if self.distortion_on != 'tokens' and self.train_boundaries != 'reinforce':
-            raise ValueError(f"DTPConfig.distortion_on={self.distortion_on!r} needs train_boundaries='reinforce' (the "
-                             f"pooling distortion is a reading of REINFORCE's samples)")
         if not self.color_prior >= 0:
             raise ValueError(f"DTPConfig.color_prior={self.color_prior}: must be >= 0 (0: no colour prior)")
         if self.color_prior > 0 and self.boundary != 'gumbel':
@@ -548,13 +541,9 @@ class DTPViT(nn.Module):
             x = block(x, packing, bias)
         return self.head(x, packing), aux
 
-    def patch_embedding(self, images):
-        """(B, N, D): each patch's linear embedding, in row-major grid order."""
-        return self.conv1(images).flatten(2).transpose(1, 2)
-
     def embed(self, images):
         """Patch embedding, [CLS] in front, position embedding, ln_pre: as OpenCLIP."""
-        x = self.patch_embedding(images)  # (B, N, D)
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.ln_pre(self.emb_dropout(x))
@@ -581,19 +570,9 @@ class DTPViT(nn.Module):
             # n_segments segments: then pooling need not read the count back from the GPU.
             exact = cfg.boundary != 'gumbel' or (cfg.train_boundaries in ('topk', 'reinforce') if self.training
                                                  else cfg.eval_boundaries == 'topk')
-            count = cfg.n_segments if exact and boundaries is None else None
-            segments, real, sizes = pool_segments(patches, b, count)
+            segments, real, sizes = pool_segments(patches, b, cfg.n_segments if exact and boundaries is None else None)
             if self.training and cfg.train_boundaries == 'reinforce':
-                if cfg.distortion_on == 'tokens':
-                    distortion = pooling_distortion(patches, b, segments)
-                else:
-                    # The patches' content alone: in the pre-layer tokens, the position embedding makes
-                    # distant patches of one colour differ, which charges a long segment of background
-                    # for spanning positions and pays for evenly spaced cuts.
-                    content = self.patch_embedding(images).detach()
-                    if cfg.scan != 'raster':
-                        content = content.index_select(1, self.scan_order)
-                    distortion = pooling_distortion(content, b, pool_segments(content, b.detach(), count)[0])
+                distortion = pooling_distortion(patches, b, segments)
             if cfg.extent_embedding:
                 segments = segments + self.extent(b.detach(), segments.shape[1]).to(segments.dtype)
             x = torch.cat([x[:, :1], segments], dim=1)  # [CLS] is never pooled

@@ -817,39 +817,6 @@ def test_the_pooling_distortion_is_reported_where_reinforce_can_use_it():
         assert 'pooling_distortion' not in DTPViT(tiny(train_boundaries='topk')).train()(images)[1]
 
 
-@pytest.mark.parametrize('scan', ['raster', 'hilbert'])
-def test_distortion_on_patches_reads_their_content_alone(scan):
-    """distortion_on='patches': the distortion of the sampled cuts is measured on the patch embedding (in scan
-    order), so the position embedding, which the pre-layer tokens carry, does not change it; on the tokens it does."""
-    torch.manual_seed(0)
-    images = torch.randn(4, 3, 32, 32)
-    vit = DTPViT(tiny(train_boundaries='reinforce', compression=4, scan=scan, distortion_on='patches')).train()
-    tokens = DTPViT(tiny(train_boundaries='reinforce', compression=4, scan=scan)).train()
-    tokens.load_state_dict(vit.state_dict())
-    with torch.no_grad():
-        torch.manual_seed(1)
-        _, aux = vit(images)
-        content = vit.conv1(images).flatten(2).transpose(1, 2).index_select(1, vit.scan_order)
-        b = aux['boundaries']
-        expected = M.pooling_distortion(content, b, M.pool_segments(content, b)[0])
-        assert torch.allclose(aux['pooling_distortion'], expected)
-        for model in (vit, tokens):
-            model.positional_embedding.mul_(3)
-        torch.manual_seed(1)
-        assert torch.equal(vit(images)[1]['boundaries'], b)  # the same samples (the prior is evenly spaced)
-        torch.manual_seed(1)
-        assert torch.allclose(vit(images)[1]['pooling_distortion'], expected)
-        torch.manual_seed(1)
-        before = tokens.train()(images)[1]['pooling_distortion']
-        tokens.positional_embedding.div_(3)
-        torch.manual_seed(1)
-        assert not torch.allclose(tokens(images)[1]['pooling_distortion'], before, atol=1e-3)
-    with pytest.raises(ValueError, match="distortion_on='patches' needs train_boundaries='reinforce'"):
-        DTPConfig(distortion_on='patches')
-    with pytest.raises(ValueError, match='distortion_on'):
-        DTPConfig(train_boundaries='reinforce', distortion_on='pixels')
-
-
 def test_reinforce_needs_noise():
     with pytest.raises(ValueError, match="reinforce' needs boundary_noise > 0"):
         DTPConfig(train_boundaries='reinforce', boundary_noise=0.0)

@@ -256,7 +256,6 @@ SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layer
     (dict(router_lr_scale=-1.0), r'router_lr_scale=-1.0: must be >= 0'),
     (dict(distortion_weight=-1.0), r'distortion_weight=-1.0: must be >= 0'),
     (dict(distortion_weight=1.0), r"distortion_weight=1.0 needs train_boundaries='reinforce'"),
-    (dict(distortion_on='patches'), r"distortion_on='patches' needs train_boundaries='reinforce'"),
     (dict(reinforce_baseline='mean'), r"reinforce_baseline='mean': expected one of \('batch', 'greedy'\)"),
     (dict(reinforce_baseline='greedy'), r"reinforce_baseline='greedy' needs train_boundaries='reinforce'"),
     (dict(workers=-1), r'workers=-1: must be >= 0'),

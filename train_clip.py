@@ -62,7 +62,6 @@ reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' 
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
 predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
-distortion_on = 'tokens'    # REINFORCE's pooling distortion on the pre-layer 'tokens' or the 'patches' alone (content)
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)

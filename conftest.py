@@ -125,13 +125,14 @@ def check_sigterm_loses_nothing(script, config, tmp_path):
 
 
 def check_reinforce_run(script, config, tmp_path, steps, baseline):
-    """A short train_boundaries='reinforce' run with this reinforce_baseline: exactly the target compression
-    (k boundaries per image) on every log line, a finite REINFORCE term, and a predictor that moved from
-    where it started."""
+    """A short train_boundaries='reinforce' run with this reinforce_baseline ('train_on_greedy': the greedy one,
+    training on the top-k cuts): exactly the target compression (k boundaries per image) on every log line,
+    a finite REINFORCE term, and a predictor that moved from where it started."""
     out = str(tmp_path / 'run')
+    baseline = ['--reinforce_baseline=greedy', '--train_on_greedy=True'] if baseline == 'train_on_greedy' else [
+        f'--reinforce_baseline={baseline}']
     run_script(script, config, f'--out_dir={out}', f'--max_steps={steps}', '--log_interval=2',
-               '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10',
-               f'--reinforce_baseline={baseline}')
+               '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10', *baseline)
     lines = train_records(out)
     assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)
     weights = load_ckpt(out)['model']

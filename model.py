@@ -65,6 +65,9 @@ class DTPConfig:
     reinforce_baseline: str = 'batch'  # REINFORCE's baseline: 'batch' (an image's loss against the batch's
                                    # mean) or 'greedy' (against the loss of the image's own top-k cuts,
                                    # scored by a second, gradient-free pass of the layers after pooling)
+    train_on_greedy: bool = False  # True (with reinforce_baseline='greedy'): the layers after pooling train on
+                                   # the top-k cuts evaluation takes; the sampled cuts are only scored, for
+                                   # the router's reward, so the backbone never learns on exploration's cuts
     boundary_noise: float = 1.0    # scale of the noise in training's samples (0: deterministic, training
                                    # takes the boundaries evaluation takes)
     size_attention: bool = False   # True: log(patches in the segment) is added to the attention logits of
@@ -101,6 +104,9 @@ class DTPConfig:
         if self.reinforce_baseline != 'batch' and self.train_boundaries != 'reinforce':
             raise ValueError(f"DTPConfig.reinforce_baseline={self.reinforce_baseline!r} needs "
                              f"train_boundaries='reinforce' (it is the baseline of REINFORCE's reward)")
+        if self.train_on_greedy and self.reinforce_baseline != 'greedy':
+            raise ValueError("DTPConfig.train_on_greedy=True needs reinforce_baseline='greedy' (the top-k cuts' pass "
+                             "is the one it trains on)")
         if not self.color_prior >= 0:
             raise ValueError(f"DTPConfig.color_prior={self.color_prior}: must be >= 0 (0: no colour prior)")
         if self.color_prior > 0 and self.boundary != 'gumbel':
@@ -511,6 +517,8 @@ class DTPViT(nn.Module):
         boundary_log_prob (B,), the log-probability of each image's sampled boundaries, and with
         reinforce_baseline='greedy', greedy_features (B, embed_dim): the image with its top-k cuts; training
         with REINFORCE, pooling_distortion (B,) of the sampled cuts (and greedy_distortion, of the top-k cuts).
+        With train_on_greedy the returned features (and boundaries) are the top-k cuts', and the sample's
+        features, without gradient, are sample_features.
         """
         cfg = self.cfg
         if images.ndim != 4 or tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
@@ -526,6 +534,12 @@ class DTPViT(nn.Module):
             # A self-critical baseline: the same image with the cuts evaluation would take (the top-k
             # logits), through the layers after pooling, without a gradient. The training script
             # rewards the sample by how much better its loss came out than these features'.
+            if cfg.train_on_greedy:  # the pass above took the top-k cuts (and trains); score the sample
+                with torch.no_grad():
+                    aux['sample_features'], sample_aux = self.pool_and_finish(x, images, aux.pop('sampled_boundaries'))
+                aux['greedy_features'], aux['greedy_distortion'] = features.detach(), aux['pooling_distortion']
+                aux['pooling_distortion'] = sample_aux['pooling_distortion']
+                return features, aux
             greedy = topk_boundaries(aux['boundary_logits'].detach(), cfg.n_segments)
             with torch.no_grad():
                 aux['greedy_features'], greedy_aux = self.pool_and_finish(x, images, greedy)
@@ -564,6 +578,8 @@ class DTPViT(nn.Module):
             b, logits, log_prob = self.predict_boundaries(patches, images)
             if boundaries is not None:
                 b, log_prob = boundaries.to(device=x.device, dtype=torch.float32), None
+            elif log_prob is not None and cfg.train_on_greedy:  # keep the sample for forward() to score
+                sampled, b = b, topk_boundaries(logits.detach(), cfg.n_segments)
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
             # Every rule but the paper's Bernoulli samples (and threshold evaluation) cuts exactly
@@ -596,6 +612,8 @@ class DTPViT(nn.Module):
             aux['boundary_log_prob'] = log_prob
         if distortion is not None:  # REINFORCE may add it to the samples' cost (distortion_weight)
             aux['pooling_distortion'] = distortion
+        if log_prob is not None and cfg.train_on_greedy:
+            aux['sampled_boundaries'] = sampled
         return x, packing, aux
 
     def extent(self, b, n_segments):

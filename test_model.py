@@ -717,6 +717,44 @@ def test_the_greedy_baseline_pass_computes_what_evaluation_computes():
     assert 'greedy_boundaries' not in aux and 'greedy_features' not in vit.eval()(images)[1]
 
 
+def test_train_on_greedy_trains_on_the_eval_cuts_and_only_scores_the_sample():
+    """train_on_greedy: the features that carry the gradient are the eval-mode ones (the top-k cuts), and the
+    sample is the one the default order would have trained on, scored without gradient; its distortion and
+    the greedy cuts' are the default order's too, and REINFORCE on their difference still reaches the router."""
+    torch.manual_seed(0)
+    cfg = dict(train_boundaries='reinforce', position_prior=2.0, compression=4, extent_embedding=True,
+               reinforce_baseline='greedy')
+    vit, default = DTPViT(tiny(train_on_greedy=True, **cfg)), DTPViT(tiny(**cfg))
+    with torch.no_grad():  # a router that has moved away from fixed pooling, and content-dependent
+        vit.predictor[-1].weight.normal_()
+        vit.extent_embedding['start'].normal_()
+    default.load_state_dict(vit.state_dict())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected, eval_aux = vit.eval()(images)
+    torch.manual_seed(1)
+    features, aux = vit.train()(images)
+    torch.manual_seed(1)
+    sampled, default_aux = default.train()(images)
+    assert torch.allclose(features, expected, atol=1e-6) and features.requires_grad
+    assert torch.equal(aux['boundaries'], eval_aux['boundaries']) and 'sampled_boundaries' not in aux
+    assert torch.allclose(aux['sample_features'], sampled, atol=1e-6) and not aux['sample_features'].requires_grad
+    assert not torch.allclose(aux['sample_features'], features, atol=1e-3)  # the sample moved some cuts
+    assert torch.equal(aux['greedy_features'], features.detach())
+    assert torch.allclose(aux['boundary_log_prob'], default_aux['boundary_log_prob'])
+    for key in ('pooling_distortion', 'greedy_distortion'):
+        assert torch.allclose(aux[key], default_aux[key])
+    task = features.square().sum(1)
+    reward = aux['sample_features'].square().sum(1) - aux['greedy_features'].square().sum(1)
+    (task.mean() + reinforce_loss(reward, aux['boundary_log_prob'])).backward()
+    assert vit.predictor[-1].weight.grad.any() and vit.transformer.resblocks[-1].mlp.c_fc.weight.grad.any()
+
+
+def test_train_on_greedy_needs_the_greedy_baseline():
+    with pytest.raises(ValueError, match="train_on_greedy=True needs reinforce_baseline='greedy'"):
+        DTPConfig(train_boundaries='reinforce', train_on_greedy=True)
+
+
 def test_with_the_greedy_baseline_a_sample_equal_to_the_greedy_cuts_teaches_nothing():
     """Noise too small to move any boundary: every sample is the greedy cut, its loss the baseline's,
     so the reward (sampled minus greedy loss) is 0 and REINFORCE sends the predictor no gradient. With

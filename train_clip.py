@@ -62,6 +62,7 @@ reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' 
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
 predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
+train_on_greedy = False     # True (greedy baseline): train on the top-k cuts; the samples are only scored
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
@@ -260,7 +261,10 @@ while step < total_steps:
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
             if 'boundary_log_prob' in out:  # REINFORCE: a pair's own loss is the reward of its image's boundaries
-                sample_losses = pair_losses(out)
+                sampled = out  # with train_on_greedy the gradient pass took the top-k cuts and the sample was only scored
+                if 'sample_features' in out:
+                    sampled = dict(out, image_features=F.normalize(out['sample_features'], dim=-1).to(out['image_features'].dtype))
+                sample_losses = pair_losses(sampled)
                 if 'greedy_features' in out:  # self-critical: measured against the image's own top-k cuts
                     greedy = F.normalize(out['greedy_features'], dim=-1).to(out['image_features'].dtype)
                     sample_losses = sample_losses - pair_losses(dict(out, image_features=greedy))

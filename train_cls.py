@@ -62,6 +62,7 @@ reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' 
 position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
 color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
 predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
+train_on_greedy = False     # True (greedy baseline): train on the top-k cuts; the samples are only scored
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
@@ -273,8 +274,11 @@ while step < total_steps:
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
             if 'boundary_log_prob' in aux:  # REINFORCE: an image's own loss is the reward of its boundaries
-                per_image = F.cross_entropy(logits.float().detach(), labels, reduction='none',
-                                            label_smoothing=label_smoothing)
+                sampled = logits.float().detach()
+                if 'sample_features' in aux:  # train_on_greedy: the gradient pass took the top-k cuts
+                    with torch.no_grad():
+                        sampled = unwrap(model).head(F.normalize(aux['sample_features'], dim=-1)).float()
+                per_image = F.cross_entropy(sampled, labels, reduction='none', label_smoothing=label_smoothing)
                 if 'greedy_features' in aux:  # self-critical: measured against the image's own top-k cuts
                     with torch.no_grad():
                         greedy = unwrap(model).head(F.normalize(aux['greedy_features'], dim=-1))

@@ -114,7 +114,8 @@ def configure(config, argv=None):
 # The settings of DTPConfig that both training scripts take as globals of their own.
 DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
                'scan', 'train_boundaries', 'position_prior', 'color_prior', 'detach_predictor_input', 'boundary_noise',
-               'size_attention', 'extent_embedding', 'reinforce_baseline', 'predictor_pairs')
+               'size_attention', 'extent_embedding', 'reinforce_baseline', 'predictor_pairs',
+               'train_on_greedy')
 # The settings that make up the architecture (load_openclip's arguments): a resumed run takes them from its checkpoint.
 ARCH_SETTINGS = ('arch', 'vision', 'text', *DTP_GLOBALS)
 

@@ -692,18 +692,24 @@ def test_reinforce_in_mixed_precision_is_finite(dtype):
     assert all(torch.isfinite(p.grad).all() for p in vit.parameters() if p.grad is not None)
 
 
+def twin_routers(differs, **shared):
+    """A REINFORCE tower with the settings `differs` and a twin without them, with the same weights: a router
+    that has moved away from fixed pooling's cuts and depends on the content, and extent embeddings not zero."""
+    torch.manual_seed(0)
+    common = dict(train_boundaries='reinforce', position_prior=2.0, compression=4, extent_embedding=True, **shared)
+    vit, twin = DTPViT(tiny(**common, **differs)), DTPViT(tiny(**common))
+    with torch.no_grad():
+        vit.predictor[-1].weight.normal_()
+        vit.extent_embedding['start'].normal_()
+    twin.load_state_dict(vit.state_dict())
+    return vit, twin
+
+
 def test_the_greedy_baseline_pass_computes_what_evaluation_computes():
     """reinforce_baseline='greedy': besides the sampled features (with their gradient), training returns
     the features of the same images with their top-k cuts, which are exactly the eval-mode features, carry
     no gradient, and leave the sampled pass as it was without the baseline."""
-    torch.manual_seed(0)
-    cfg = dict(train_boundaries='reinforce', position_prior=2.0, compression=4, extent_embedding=True)
-    vit = DTPViT(tiny(reinforce_baseline='greedy', **cfg))
-    plain = DTPViT(tiny(**cfg))
-    with torch.no_grad():  # a router that has moved away from fixed pooling, and content-dependent
-        vit.predictor[-1].weight.normal_()
-        vit.extent_embedding['start'].normal_()
-    plain.load_state_dict(vit.state_dict())
+    vit, plain = twin_routers(dict(reinforce_baseline='greedy'))
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected, eval_aux = vit.eval()(images)
@@ -721,14 +727,7 @@ def test_train_on_greedy_trains_on_the_eval_cuts_and_only_scores_the_sample():
     """train_on_greedy: the features that carry the gradient are the eval-mode ones (the top-k cuts), and the
     sample is the one the default order would have trained on, scored without gradient; its distortion and
     the greedy cuts' are the default order's too, and REINFORCE on their difference still reaches the router."""
-    torch.manual_seed(0)
-    cfg = dict(train_boundaries='reinforce', position_prior=2.0, compression=4, extent_embedding=True,
-               reinforce_baseline='greedy')
-    vit, default = DTPViT(tiny(train_on_greedy=True, **cfg)), DTPViT(tiny(**cfg))
-    with torch.no_grad():  # a router that has moved away from fixed pooling, and content-dependent
-        vit.predictor[-1].weight.normal_()
-        vit.extent_embedding['start'].normal_()
-    default.load_state_dict(vit.state_dict())
+    vit, default = twin_routers(dict(train_on_greedy=True), reinforce_baseline='greedy')
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         expected, eval_aux = vit.eval()(images)

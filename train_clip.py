@@ -261,13 +261,13 @@ while step < total_steps:
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
             if 'boundary_log_prob' in out:  # REINFORCE: a pair's own loss is the reward of its image's boundaries
-                sampled = out  # with train_on_greedy the gradient pass took the top-k cuts and the sample was only scored
-                if 'sample_features' in out:
-                    sampled = dict(out, image_features=F.normalize(out['sample_features'], dim=-1).to(out['image_features'].dtype))
-                sample_losses = pair_losses(sampled)
-                if 'greedy_features' in out:  # self-critical: measured against the image's own top-k cuts
-                    greedy = F.normalize(out['greedy_features'], dim=-1).to(out['image_features'].dtype)
-                    sample_losses = sample_losses - pair_losses(dict(out, image_features=greedy))
+                sample_losses = pair_losses(out)  # of the cuts the gradient pass took
+                other = out.get('sample_features', out.get('greedy_features'))  # the gradient-free pass, if any
+                if other is not None:  # self-critical: the sample's loss less that of the image's own top-k cuts
+                    other = F.normalize(other, dim=-1).to(out['image_features'].dtype)
+                    other = pair_losses(dict(out, image_features=other))
+                    # with train_on_greedy the gradient pass took the top-k cuts and the sample was only scored
+                    sample_losses = other - sample_losses if 'sample_features' in out else sample_losses - other
                 if distortion_weight:
                     sample_losses = sample_losses + distortion_weight * distortion_cost(out)
                 reinforce = reinforce_loss(sample_losses, out['boundary_log_prob'])

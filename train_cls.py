@@ -274,16 +274,15 @@ while step < total_steps:
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
             if 'boundary_log_prob' in aux:  # REINFORCE: an image's own loss is the reward of its boundaries
-                sampled = logits.float().detach()
-                if 'sample_features' in aux:  # train_on_greedy: the gradient pass took the top-k cuts
+                per_image = F.cross_entropy(logits.float().detach(), labels, reduction='none',
+                                            label_smoothing=label_smoothing)  # of the cuts the gradient pass took
+                other = aux.get('sample_features', aux.get('greedy_features'))  # the gradient-free pass, if any
+                if other is not None:  # self-critical: the sample's loss less that of the image's own top-k cuts
                     with torch.no_grad():
-                        sampled = unwrap(model).head(F.normalize(aux['sample_features'], dim=-1)).float()
-                per_image = F.cross_entropy(sampled, labels, reduction='none', label_smoothing=label_smoothing)
-                if 'greedy_features' in aux:  # self-critical: measured against the image's own top-k cuts
-                    with torch.no_grad():
-                        greedy = unwrap(model).head(F.normalize(aux['greedy_features'], dim=-1))
-                    per_image = per_image - F.cross_entropy(greedy.float(), labels, reduction='none',
-                                                            label_smoothing=label_smoothing)
+                        other = unwrap(model).head(F.normalize(other, dim=-1))
+                    other = F.cross_entropy(other.float(), labels, reduction='none', label_smoothing=label_smoothing)
+                    # with train_on_greedy the gradient pass took the top-k cuts and the sample was only scored
+                    per_image = other - per_image if 'sample_features' in aux else per_image - other
                 if distortion_weight:
                     per_image = per_image + distortion_weight * distortion_cost(aux)
                 reinforce = reinforce_loss(per_image, aux['boundary_log_prob'])

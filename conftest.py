@@ -46,12 +46,15 @@ def run_script(script, *args, torchrun=False, check=True, timeout=600):
     return proc
 
 
-def terminate_mid_run(script, out_dir, *args, after_step=3, job_wide=False):
-    """Start a training script (one process) that would run for long, send it SIGTERM once its log shows
-    step after_step, as a scheduler preempting the job (or torchrun passing the signal on) would, and
-    return the finished process (returncode, stdout and stderr read). job_wide: the signal goes to every
-    process of the job (its process group: the data loader's workers too), as Slurm sends it."""
-    proc = subprocess.Popen([sys.executable, script, *args, f'--out_dir={out_dir}', '--log_interval=1'], cwd=ROOT,
+def terminate_mid_run(script, out_dir, *args, after_step=3, job_wide=False, torchrun=False):
+    """Start a training script (one process, or two torchrun ranks) that would run for long, send it SIGTERM
+    once its log shows step after_step, as a scheduler preempting the job (or torchrun passing the signal on)
+    would, and return the finished process (returncode, stdout and stderr read). job_wide: the signal goes to
+    every process of the job (its process group: the data loader's workers too), as Slurm sends it; otherwise
+    to the process started (torchrun passes it on to its ranks)."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
+        else [sys.executable]
+    proc = subprocess.Popen([*launcher, script, *args, f'--out_dir={out_dir}', '--log_interval=1'], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=job_wide)
 
     def reached():

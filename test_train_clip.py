@@ -10,7 +10,8 @@ import torch
 import data
 from model import DTPConfig
 from conftest import (check_distortion_weight, check_job_wide_sigterm_with_workers, check_reinforce_run,
-                      check_sigterm_loses_nothing, load_ckpt, read_shard, records, run_script, train_records, write_tar)
+                      check_sigterm_loses_nothing, load_ckpt, read_shard, records, run_script, terminate_mid_run,
+                      train_records, write_tar)
 from train_utils import cosine_lr
 
 TINY = 'config/shapes_tiny.py'
@@ -128,6 +129,20 @@ def test_torchrun_self_critical_reinforce_keeps_the_ranks_identical(tmp_path):
     assert sync and sync[-1]['ranks_in_sync'] and len(sync[-1]['rank_checksums']) == 2
     assert all(math.isfinite(r['reinforce']) for r in train_records(out))
     assert load_ckpt(out)['model']['visual.predictor.3.weight'].any()  # zero at the start
+
+
+def test_torchrun_sigterm_stops_both_ranks_after_one_step_and_resumes(tmp_path):
+    """SIGTERM to torchrun, which passes it on to both ranks: they agree on the step to stop after, save it,
+    leave the process group together and exit with the message (no abort at exit); two ranks resume from it."""
+    out = str(tmp_path / 'run')
+    proc = terminate_mid_run('train_clip.py', out, TINY, '--max_steps=100000', '--ckpt_interval=1000', torchrun=True)
+    assert proc.returncode != 0 and 'stopped by SIGTERM after step' in proc.stderr_text, proc.stderr_text[-2000:]
+    assert 'terminate called' not in proc.stderr_text and 'SIGABRT' not in proc.stderr_text
+    ckpt = load_ckpt(out)
+    assert ckpt['world_size'] == 2 and ckpt['step'] >= 3 and ckpt['step'] == train_records(out)[-1]['step']
+    assert records(out)[-1] == dict(step=ckpt['step'], stopped_by='SIGTERM')
+    run(TINY, f'--out_dir={out}', f'--max_steps={ckpt["step"] + 2}', '--init_from=resume', torchrun=True)
+    assert train_records(out)[-1]['step'] == ckpt['step'] + 2 and records(out)[-1]['ranks_in_sync']
 
 
 def test_torchrun_ranks_share_the_epoch(ddp_run):

@@ -1,6 +1,8 @@
 """Tests of train_utils.py: the configurator and the shared training plumbing."""
 import errno
 import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -347,3 +349,18 @@ def test_every_shipped_config_file_is_accepted_by_its_script(path):
     config = configure(script_settings(script), [str(HERE / 'config' / path)])
     check_settings(config)
     assert config != script_settings(script)  # the file was read: it changes something
+
+
+def test_end_process_runs_the_exit_handlers_flushes_and_exits_with_its_code(tmp_path):
+    """end_process (the end of a torchrun rank): the message on stderr, the atexit handlers run (the loader
+    workers' end), buffered output flushed, the given exit code; nothing after it runs."""
+    marker = tmp_path / 'handler_ran'
+    code = ('import atexit, sys, train_utils\n'
+            f'atexit.register(lambda: open({str(marker)!r}, "w").write("ran"))\n'
+            'print("buffered", end="")\n'
+            'train_utils.end_process(3, "the reason")\n'
+            'print("after")\n')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3 and proc.stdout == 'buffered' and 'the reason' in proc.stderr, proc.stderr[-2000:]
+    assert marker.read_text() == 'ran'

@@ -42,7 +42,8 @@ def run_script(script, *args, torchrun=False, check=True, timeout=600):
         else [sys.executable]
     proc = subprocess.run(launcher + [script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
-        raise AssertionError(f'{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+        raise AssertionError(f'{script} {args} failed (exit status {proc.returncode}; < 0: killed by that signal):\n'
+                             f'{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
 
 
@@ -129,11 +130,13 @@ def check_sigterm_loses_nothing(script, config, tmp_path):
 
 def check_reinforce_run(script, config, tmp_path, steps, baseline):
     """A short train_boundaries='reinforce' run with this reinforce_baseline ('train_on_greedy': the greedy one,
-    training on the top-k cuts): exactly the target compression (k boundaries per image) on every log line,
-    a finite REINFORCE term, and a predictor that moved from where it started."""
+    training on the top-k cuts; 'min_segment': the same with segments of at least 2 patches): exactly the target
+    compression (k boundaries per image) on every log line, a finite REINFORCE term, and a predictor that moved
+    from where it started."""
     out = str(tmp_path / 'run')
-    baseline = ['--reinforce_baseline=greedy', '--train_on_greedy=True'] if baseline == 'train_on_greedy' else [
-        f'--reinforce_baseline={baseline}']
+    greedy = ['--reinforce_baseline=greedy', '--train_on_greedy=True']
+    baseline = dict(train_on_greedy=greedy, min_segment=greedy + ['--min_segment=2']).get(
+        baseline, [f'--reinforce_baseline={baseline}'])
     run_script(script, config, f'--out_dir={out}', f'--max_steps={steps}', '--log_interval=2',
                '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10', *baseline)
     lines = train_records(out)

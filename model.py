@@ -68,6 +68,8 @@ class DTPConfig:
     train_on_greedy: bool = False  # True (with reinforce_baseline='greedy'): the layers after pooling train on
                                    # the top-k cuts evaluation takes; the sampled cuts are only scored, for
                                    # the router's reward, so the backbone never learns on exploration's cuts
+    min_segment: int = 1           # > 1 (with train_boundaries='reinforce'): the predictor's segments hold at least
+                                   # this many patches, in its samples and in the cuts evaluation takes
     boundary_noise: float = 1.0    # scale of the noise in training's samples (0: deterministic, training
                                    # takes the boundaries evaluation takes)
     size_attention: bool = False   # True: log(patches in the segment) is added to the attention logits of
@@ -107,6 +109,17 @@ class DTPConfig:
         if self.train_on_greedy and self.reinforce_baseline != 'greedy':
             raise ValueError("DTPConfig.train_on_greedy=True needs reinforce_baseline='greedy' (the top-k cuts' pass "
                              "is the one it trains on)")
+        if self.min_segment != 1:
+            if self.boundary != 'gumbel' or self.train_boundaries != 'reinforce':
+                raise ValueError(f"DTPConfig.min_segment={self.min_segment} needs boundary='gumbel' and "
+                                 f"train_boundaries='reinforce' (its cuts are drawn one after another)")
+            # each cut rules out at most 2 * min_segment - 1 of the N - 2 * min_segment + 1 patches a cut may take
+            n, k, m = self.n_patches, self.n_segments, self.min_segment
+            if m < 1:
+                raise ValueError(f"DTPConfig.min_segment={m}: must be >= 1 (1: no minimum)")
+            if n - 2 * m < (k - 2) * (2 * m - 1):
+                raise ValueError(f"DTPConfig.min_segment={m}: {k} segments of {n} patches cannot all be sure to get "
+                                 f"{m} or more; use a smaller min_segment or a higher compression")
         if not self.color_prior >= 0:
             raise ValueError(f"DTPConfig.color_prior={self.color_prior}: must be >= 0 (0: no colour prior)")
         if self.color_prior > 0 and self.boundary != 'gumbel':
@@ -294,6 +307,32 @@ def topk_boundaries(logits, k):
     """Exactly k boundaries per image at the most probable positions (the last patch is one of them)."""
     logits = torch.cat([logits[:, :-1], torch.full_like(logits[:, -1:], float('inf'))], dim=1)
     return torch.zeros_like(logits).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
+
+
+def spaced_cuts(logits, k, min_len, noise=None, eps=1e-6):
+    """k boundaries (the last patch one of them) that leave every segment at least min_len patches, and the
+    log-probability of the draw, (B,). The k - 1 cuts come one after another, each at a patch still allowed
+    (at least min_len from the cuts before it and from both ends): drawn from a softmax over those patches'
+    logits / noise (a Gumbel-max draw), or, without noise, the largest of those logits, as evaluation takes
+    them. With min_len = 1 this is top-k (noise None) and Plackett-Luce's draws, as sampled_topk. A draw's
+    log-probability is the sum of its k - 1 log-softmaxes, what REINFORCE differentiates."""
+    B, N = logits.shape
+    scores = logits[:, :-1] / (noise or 1.0)  # the last patch is a boundary anyway
+    t = torch.arange(N - 1, device=logits.device)
+    allowed = ((t >= min_len - 1) & (t <= N - 1 - min_len)).expand(B, N - 1).clone()
+    hard, log_prob = torch.zeros_like(logits), logits.new_zeros(B)
+    for _ in range(k - 1):
+        masked = scores.masked_fill(~allowed, float('-inf'))
+        pick = masked.detach()
+        if noise is not None:
+            u = torch.rand_like(pick).clamp(eps, 1 - eps)
+            pick = pick - torch.log(-torch.log(u))
+        pick = pick.argmax(dim=1, keepdim=True)                     # (B, 1)
+        log_prob = log_prob + masked.log_softmax(dim=1).gather(1, pick).squeeze(1)
+        hard[:, :-1].scatter_(1, pick, 1.0)
+        allowed &= (t - pick).abs() >= min_len                      # the patches too close to this cut
+    hard[:, -1] = 1.0
+    return hard, log_prob
 
 
 def fixed_boundaries(batch, n, n_segments, device=None):
@@ -485,7 +524,10 @@ class DTPViT(nn.Module):
                 change = (change - change.mean(1, keepdim=True)) / change.std(1, keepdim=True).clamp_min(1e-3)
                 logits = logits + self.predictor.color_gain.float() * F.pad(change, (0, 1))
             if self.training and cfg.train_boundaries == 'reinforce':
-                b, log_prob = sampled_topk(logits, cfg.n_segments, cfg.boundary_noise)
+                if cfg.min_segment > 1:
+                    b, log_prob = spaced_cuts(logits, cfg.n_segments, cfg.min_segment, cfg.boundary_noise)
+                else:
+                    b, log_prob = sampled_topk(logits, cfg.n_segments, cfg.boundary_noise)
                 return b, logits, log_prob
         if self.training:
             if cfg.train_boundaries == 'topk':
@@ -493,8 +535,15 @@ class DTPViT(nn.Module):
             return gumbel_sigmoid(logits, cfg.temperature, cfg.boundary_noise), logits, None
         # Eval is deterministic: no noise, so an image always gets the same segments.
         if cfg.eval_boundaries == 'topk':
-            return topk_boundaries(logits, cfg.n_segments), logits, None
+            return self.best_cuts(logits), logits, None
         return (logits > 0).float(), logits, None
+
+    def best_cuts(self, logits):
+        """The cuts evaluation takes (and the self-critical baseline and train_on_greedy): the n_segments most
+        probable boundaries, or with min_segment the most probable ones, one after another, that keep it."""
+        if self.cfg.min_segment > 1:
+            return spaced_cuts(logits, self.cfg.n_segments, self.cfg.min_segment)[0]
+        return topk_boundaries(logits, self.cfg.n_segments)
 
     def color_change(self, images):
         """(B, N): how far the mean colour of the next patch in scan order is from this patch's
@@ -540,7 +589,7 @@ class DTPViT(nn.Module):
                 aux['greedy_features'], aux['greedy_distortion'] = features.detach(), aux['pooling_distortion']
                 aux['pooling_distortion'] = sample_aux['pooling_distortion']
                 return features, aux
-            greedy = topk_boundaries(aux['boundary_logits'].detach(), cfg.n_segments)
+            greedy = self.best_cuts(aux['boundary_logits'].detach())
             with torch.no_grad():
                 aux['greedy_features'], greedy_aux = self.pool_and_finish(x, images, greedy)
             aux['greedy_distortion'] = greedy_aux['pooling_distortion']
@@ -579,7 +628,7 @@ class DTPViT(nn.Module):
             if boundaries is not None:
                 b, log_prob = boundaries.to(device=x.device, dtype=torch.float32), None
             elif log_prob is not None and cfg.train_on_greedy:  # keep the sample for forward() to score
-                sampled, b = b, topk_boundaries(logits.detach(), cfg.n_segments)
+                sampled, b = b, self.best_cuts(logits.detach())
             # The last patch always closes a segment, so no patch is ever left out of the pooling.
             b = torch.cat([b[:, :-1], b.new_ones(B, 1)], dim=1)
             # Every rule but the paper's Bernoulli samples (and threshold evaluation) cuts exactly

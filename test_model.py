@@ -1041,3 +1041,76 @@ def test_exact_segment_counts_need_no_host_sync(boundary, train_boundaries, trai
     # a count that is not the batch's is caught, not turned into wrong pooling
     with pytest.raises(RuntimeError, match='segment count'):
         M.pool_segments(torch.randn(3, 64, 8), aux['boundaries'], count=m.cfg.n_segments + 1)
+
+
+@pytest.mark.parametrize('n, k, m', [(36, 9, 2), (49, 12, 2), (36, 4, 4), (64, 16, 2), (16, 4, 2)])
+def test_min_segment_cuts_keep_every_segment_that_long(n, k, m):
+    """min_segment: k boundaries, every segment at least m patches, in the draws and in the cuts evaluation takes;
+    those are the largest logits allowed, one after another, and with m = 1 exactly top-k."""
+    torch.manual_seed(0)
+    logits = torch.randn(200, n)
+    for noise in (None, 1.0, 2.0):
+        b, _ = M.spaced_cuts(logits, k, m, noise)
+        sizes = torch.stack([torch.bincount(ids, minlength=k) for ids in M.segment_ids(b).long()])
+        assert b.sum(1).eq(k).all() and b[:, -1].eq(1).all() and sizes.min() >= m
+    assert torch.equal(M.spaced_cuts(logits, k, 1)[0], M.topk_boundaries(logits, k))
+    best = M.spaced_cuts(logits, k, m)[0]
+    first = logits[:, m - 1:n - m].argmax(1) + m - 1  # the first cut: the largest logit a cut may take
+    assert best[torch.arange(200), first].eq(1).all()
+
+
+def test_min_segment_draws_and_their_log_probability_are_exact():
+    """One cut drawn in 8 patches with segments of at least 2: it is drawn among patches 1-5 with the probability
+    softmax(logits / noise) over them, and its log-probability is that log-softmax. With 3 segments both cuts keep
+    2 patches apart, and the log-probability's gradient reaches only the logits the draws chose among."""
+    torch.manual_seed(0)
+    logits = torch.tensor([0.5, 1.0, -0.5, 0.3, 2.0, 0.0, 0.7, -1.0])
+    for noise in (1.0, 2.0):
+        hard, log_prob = M.spaced_cuts(logits.expand(40000, 8), 2, 2, noise)
+        drawn = hard[:, :-1].argmax(1)
+        expected = torch.log_softmax(logits[1:6] / noise, 0)
+        assert drawn.ge(1).all() and drawn.le(5).all()
+        assert torch.allclose(log_prob, expected[drawn - 1], atol=1e-6)
+        frequency = torch.bincount(drawn - 1, minlength=5) / len(drawn)
+        assert torch.allclose(frequency, expected.exp(), atol=0.01)
+    hard, _ = M.spaced_cuts(logits.expand(1000, 8), 3, 2, 2.0)
+    cuts = hard[:, :-1].nonzero()[:, 1].view(-1, 2)
+    assert (cuts[:, 1] - cuts[:, 0]).ge(2).all()
+    leaf = logits.clone().requires_grad_(True)
+    M.spaced_cuts(leaf.expand(64, 8), 3, 2, noise=2.0)[1].sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad[1:6].ne(0).all() and leaf.grad[[0, 6, 7]].eq(0).all()
+
+
+def test_min_segment_refuses_what_it_cannot_keep():
+    with pytest.raises(ValueError, match="min_segment=2 needs boundary='gumbel' and train_boundaries='reinforce'"):
+        DTPConfig(min_segment=2)
+    with pytest.raises(ValueError, match='must be >= 1'):
+        DTPConfig(train_boundaries='reinforce', min_segment=0)
+    with pytest.raises(ValueError, match='cannot all be sure to get 3'):  # 16 segments of 3 in 49 patches
+        DTPConfig(train_boundaries='reinforce', min_segment=3, compression=3)
+    DTPConfig(train_boundaries='reinforce', min_segment=2, compression=4)  # ViT-B-32 at 4x: 12 segments of 49
+
+
+def test_min_segment_in_the_model_takes_its_cuts_everywhere():
+    """With min_segment the cuts evaluation takes, and with train_on_greedy the ones training takes, are
+    spaced_cuts' most probable ones (not top-k's), and the sampled ones keep every segment that long too."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(train_boundaries='reinforce', reinforce_baseline='greedy', train_on_greedy=True, min_segment=2,
+                      compression=4))
+    with torch.no_grad():
+        vit.predictor[-1].weight.normal_()
+    images = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        _, eval_aux = vit.eval()(images)
+        _, train_aux = vit.train()(images)
+    logits = eval_aux['boundary_logits']
+    assert torch.equal(eval_aux['boundaries'], M.spaced_cuts(logits, 16, 2)[0])
+    assert not torch.equal(eval_aux['boundaries'], M.topk_boundaries(logits, 16))
+    assert torch.equal(train_aux['boundaries'], eval_aux['boundaries'])
+    for aux in (eval_aux, train_aux):
+        assert aux['segment_sizes'].min() >= 2 and aux['n_segments'].eq(16).all()
+    plain = DTPViT(tiny(train_boundaries='reinforce', min_segment=2, compression=4))
+    plain.load_state_dict(vit.state_dict())
+    with torch.no_grad():
+        _, sampled_aux = plain.train()(images)
+    assert sampled_aux['segment_sizes'].min() >= 2 and torch.isfinite(sampled_aux['boundary_log_prob']).all()

@@ -412,7 +412,7 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
     check_sigterm_loses_nothing('train_clip.py', TINY, tmp_path)
 
 
-@pytest.mark.parametrize('baseline', ['batch', 'greedy', 'train_on_greedy'])
+@pytest.mark.parametrize('baseline', ['batch', 'greedy', 'train_on_greedy', 'min_segment'])
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path, baseline):
     check_reinforce_run('train_clip.py', TINY, tmp_path, steps=10, baseline=baseline)
 

@@ -63,6 +63,7 @@ position_prior = 0.0        # > 0: learned per-position boundary bias, starting 
 color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
 predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
 train_on_greedy = False     # True (greedy baseline): train on the top-k cuts; the samples are only scored
+min_segment = 1             # > 1 (REINFORCE): the router's segments hold at least this many patches
 detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
 boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
 size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)

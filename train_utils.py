@@ -116,7 +116,7 @@ def configure(config, argv=None):
 DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
                'scan', 'train_boundaries', 'position_prior', 'color_prior', 'detach_predictor_input', 'boundary_noise',
                'size_attention', 'extent_embedding', 'reinforce_baseline', 'predictor_pairs',
-               'train_on_greedy')
+               'train_on_greedy', 'min_segment')
 # The settings that make up the architecture (load_openclip's arguments): a resumed run takes them from its checkpoint.
 ARCH_SETTINGS = ('arch', 'vision', 'text', *DTP_GLOBALS)
 

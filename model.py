@@ -113,6 +113,9 @@ class DTPConfig:
             if self.boundary != 'gumbel' or self.train_boundaries != 'reinforce':
                 raise ValueError(f"DTPConfig.min_segment={self.min_segment} needs boundary='gumbel' and "
                                  f"train_boundaries='reinforce' (its cuts are drawn one after another)")
+            if self.eval_boundaries != 'topk':  # p > 0.5 cuts wherever it likes: the minimum would hold in training only
+                raise ValueError(f"DTPConfig.min_segment={self.min_segment} needs eval_boundaries='topk' (threshold "
+                                 f"evaluation cannot keep the minimum)")
             # each cut rules out at most 2 * min_segment - 1 of the N - 2 * min_segment + 1 patches a cut may take
             n, k, m = self.n_patches, self.n_segments, self.min_segment
             if m < 1:

@@ -1084,6 +1084,8 @@ def test_min_segment_draws_and_their_log_probability_are_exact():
 def test_min_segment_refuses_what_it_cannot_keep():
     with pytest.raises(ValueError, match="min_segment=2 needs boundary='gumbel' and train_boundaries='reinforce'"):
         DTPConfig(min_segment=2)
+    with pytest.raises(ValueError, match="needs eval_boundaries='topk'"):
+        DTPConfig(train_boundaries='reinforce', min_segment=2, eval_boundaries='threshold')
     with pytest.raises(ValueError, match='must be >= 1'):
         DTPConfig(train_boundaries='reinforce', min_segment=0)
     with pytest.raises(ValueError, match='cannot all be sure to get 3'):  # 16 segments of 3 in 49 patches

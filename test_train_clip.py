@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from model import DTPConfig
+from model import DTPConfig, load_openclip
 from conftest import (check_distortion_weight, check_job_wide_sigterm_with_workers, check_reinforce_run,
                       check_sigterm_loses_nothing, load_ckpt, read_shard, records, run_script, terminate_mid_run,
                       train_records, write_tar)
@@ -415,6 +415,26 @@ def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path)
 @pytest.mark.parametrize('baseline', ['batch', 'greedy', 'train_on_greedy', 'min_segment'])
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path, baseline):
     check_reinforce_run('train_clip.py', TINY, tmp_path, steps=10, baseline=baseline)
+
+
+def test_the_demos_router_trains_and_evaluates_on_segments_of_at_least_two_patches(tmp_path):
+    """The README's demo config (config/shapes_router4x.py) at the tiny size: its router settings reach the
+    model, training cuts exactly the target count, and the trained model's evaluation cuts keep every segment
+    at least min_segment = 2 patches long."""
+    out = str(tmp_path / 'run')
+    run('config/shapes_router4x.py', TINY, f'--out_dir={out}', '--max_steps=4', '--log_interval=2')
+    ckpt = load_ckpt(out)
+    settings = ('train_boundaries', 'train_on_greedy', 'min_segment', 'predictor_pairs', 'color_prior')
+    assert {k: ckpt['config'][k] for k in settings} == dict(
+        train_boundaries='reinforce', train_on_greedy=True, min_segment=2, predictor_pairs=True, color_prior=4.0)
+    assert all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in train_records(out))
+    assert 'color_gain' in [r for r in records(out) if 'zeroshot_top1' in r][-1]
+    clip = load_openclip(**ckpt['model_args'])
+    clip.load_state_dict(ckpt['model'])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        aux = clip.visual.eval()(torch.randn(8, 3, 32, 32))[1]
+    assert aux['n_segments'].eq(4).all() and aux['segment_sizes'].min() >= 2  # 16 patches: 4 segments, none of 1
 
 
 def test_the_distortion_weight_enters_the_routers_reward(tmp_path):

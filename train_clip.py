@@ -2,7 +2,8 @@
 CLIP-style contrastive training of a DTP-ViT image tower with OpenCLIP's text tower, with
 zero-shot evaluation. Single process or torchrun DDP.
 
-    python train_clip.py                                   # the CPU demo: a small CLIP on built-in shapes data
+    python train_clip.py config/shapes_router4x.py         # the CPU demo: a small CLIP on built-in shapes data
+    python train_clip.py                                   # the same with the paper's boundary predictor
     python train_clip.py config/shapes_fixed4x.py --max_steps=200
     torchrun --standalone --nproc_per_node=8 train_clip.py config/cc12m_10x.py
 
@@ -33,7 +34,8 @@ from train_utils import (accumulate, autocast, check_settings, config_keys, conf
                          unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
-# defaults: the CPU demo, a small DTP-ViT CLIP on the built-in shapes data at 48 px (~7 minutes on 2 cores)
+# defaults: the CPU demo's CLIP with the paper's boundary predictor, on the built-in shapes data at 48 px (~7 minutes
+# on 2 cores); config/shapes_router4x.py adds the learned router (README)
 # I/O
 out_dir = 'out/clip-shapes'
 init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag

@@ -1,8 +1,9 @@
-# The demo's learned router at 4 patches per segment in raster order (README, "Where learned pooling stands"): the
-# router of config/shapes_pairscolor10x.py (a Gumbel predictor that reads each patch with its change to the next,
-# starts at the colour rule's cuts and learns by REINFORCE against the image's own top-k cuts, paid for its pooling
-# distortion), with the layers after pooling trained on the cuts evaluation takes (train_on_greedy) and segments
-# of at least 2 patches (min_segment), in its samples and in evaluation.
+# The CPU demo (README, Quick start): the learned router at 4 patches per segment in raster order (README,
+# "Where learned pooling stands"): the router of config/shapes_pairscolor10x.py (a Gumbel predictor that reads
+# each patch with its change to the next, starts at the colour rule's cuts and learns by REINFORCE against the
+# image's own top-k cuts, paid for its pooling distortion), with the layers after pooling trained on the cuts
+# evaluation takes (train_on_greedy) and segments of at least 2 patches (min_segment), in its samples and in
+# evaluation.
 #   python train_clip.py config/shapes_router4x.py
 out_dir = 'out/clip-shapes-router4x'
 boundary = 'gumbel'

@@ -30,13 +30,14 @@ DEMO = DTPConfig(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128,
                  boundary='none')
 
 
-def mmacs(kind, ratio=None, cost=None):
-    """MMACs per image of the demo tower: 'none', 'fixed', 'cosine', 'color' or 'gumbel' at a ratio, or 'tome' at a cost."""
+def mmacs(kind, ratio=None, cost=None, **settings):
+    """MMACs per image of the demo tower: 'none', 'fixed', 'cosine', 'color' or 'gumbel' at a ratio (and other
+    DTPConfig settings, e.g. predictor_pairs=True), or 'tome' at a cost."""
     if kind == 'tome':
         return flops.tome_gmacs(DEMO, flops.tome_r_for_cost(DEMO, cost, per_block=True)) * 1e3
     if kind == 'none':
         return flops.gmacs(DEMO) * 1e3
-    return flops.gmacs(dataclasses.replace(DEMO, boundary=kind, compression=ratio)) * 1e3
+    return flops.gmacs(dataclasses.replace(DEMO, boundary=kind, compression=ratio, **settings)) * 1e3
 
 
 # series -> points: (MMACs, run name, the train_clip.py arguments that make it). Trained points are
@@ -63,6 +64,11 @@ RUNS = {
     'learned, from colour cuts': [
         (mmacs('gumbel', r), f'colorprior{r}x-raster' if r != 4 else 'colorprior-raster',
          f'config/shapes_colorprior10x.py --compression={r}') for r in (4, 10)],
+    'learned, pairs + colour cuts': [
+        (mmacs('gumbel', r, predictor_pairs=True), f'pairscolor{r}x-raster', f'config/shapes_pairscolor10x.py --compression={r}')
+        for r in (4, 10)],
+    'the demo\'s router (segments >= 2 patches)': [
+        (mmacs('gumbel', 4, predictor_pairs=True), 'router4x-raster', 'config/shapes_router4x.py')],
     'ToMe': [(mmacs('tome', cost=c), f'tome{r}x', f'config/shapes_tome4x.py --tome_cost={c}')
              for r, c in TOME_COSTS.items()],
     'fixed, training-free': [(mmacs('fixed', r), f'tf-fixed{r}x', f'{TF} --boundary=fixed --compression={r}')
@@ -77,10 +83,12 @@ RUNS = {
 SEEDS = {'vit': 3, 'fixed-raster': 5, 'dtp-raster': 3, 'cosinesize-raster': 3, 'tome4x': 3, 'fixed10x-raster': 5,
          'cosinesize10x-raster': 5, 'color-raster': 3, 'color10x-raster': 5, 'rl-ext-raster': 2,
          'rl-ext10x-raster': 5, 'scrl2-ext-raster': 5, 'scrl2-ext10x-raster': 5,
-         'colorprior-raster': 5, 'colorprior10x-raster': 5}
+         'colorprior-raster': 5, 'colorprior10x-raster': 5, 'pairscolor4x-raster': 3, 'pairscolor10x-raster': 5,
+         'router4x-raster': 5}
 COLOURS = {'plain ViT': '#000000', 'fixed pooling': '#1f77b4', 'learned DTP (Gumbel)': '#d62728', 'ToMe': '#2ca02c',
            'cosine router': '#9467bd', 'colour router': '#ff7f0e', 'REINFORCE router': '#8c564b',
            'REINFORCE, self-critical, noise 2': '#e377c2', 'learned, from colour cuts': '#bcbd22',
+           'learned, pairs + colour cuts': '#17becf', 'the demo\'s router (segments >= 2 patches)': '#ff00ff',
            'fixed, training-free': '#1f77b4', 'cosine router, training-free': '#9467bd', 'ToMe, training-free': '#2ca02c'}
 
 

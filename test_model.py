@@ -238,6 +238,23 @@ def test_features_do_not_depend_on_the_rest_of_the_batch(pool, eval_boundaries):
     assert (batch - alone).abs().max() <= 1e-5
 
 
+def test_the_demo_routers_evaluation_is_deterministic_and_batch_invariant():
+    """config/shapes_router4x.py's router at ViT-B-32 shapes (min_segment=2, colour prior, pair-reading
+    predictor, extent embeddings): the cuts evaluation takes, one after another, depend on each image alone."""
+    torch.manual_seed(0)
+    vit = DTPViT(DTPConfig(compression=4, train_boundaries='reinforce', reinforce_baseline='greedy',
+                           train_on_greedy=True, min_segment=2, color_prior=4.0, predictor_pairs=True,
+                           extent_embedding=True)).eval()
+    with torch.no_grad():
+        vit.predictor[-1].weight.normal_()  # REINFORCE's last layer starts at zero: give the logits content
+        images = torch.randn(5, 3, 224, 224)
+        batch, aux = vit(images)
+        again = vit(images)[0]
+        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
+    assert torch.equal(batch, again) and (batch - alone).abs().max() <= 1e-5
+    assert aux['segment_sizes'].min() >= 2 and aux['n_segments'].eq(12).all()  # 49 patches at 4x
+
+
 # 4. deterministic evaluation --------------------------------------------------------------------
 
 @pytest.mark.parametrize('eval_boundaries', ['threshold', 'topk'])

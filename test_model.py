@@ -696,10 +696,15 @@ def test_reinforce_trains_the_predictor_alone_from_the_task_loss():
     assert all(torch.equal(p.grad, backbone[n]) for n, p in vit.named_parameters() if 'predictor' not in n)
 
 
+DEMO_ROUTER = dict(reinforce_baseline='greedy', train_on_greedy=True, min_segment=2, color_prior=4.0,
+                   predictor_pairs=True)  # config/shapes_router4x.py's router
+
+
+@pytest.mark.parametrize('router', [{}, DEMO_ROUTER], ids=['plain', 'demo'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_reinforce_in_mixed_precision_is_finite(dtype):
+def test_reinforce_in_mixed_precision_is_finite(dtype, router):
     torch.manual_seed(0)
-    vit = DTPViT(tiny(train_boundaries='reinforce', compression=4, extent_embedding=True)).train()
+    vit = DTPViT(tiny(train_boundaries='reinforce', compression=4, extent_embedding=True, **router)).train()
     with torch.autocast('cpu', dtype=dtype):
         features, aux = vit(torch.randn(4, 3, 32, 32))
         task = features.float().square().sum(1)

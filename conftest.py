@@ -35,11 +35,13 @@ def write_tar(path, samples):
                 tar.addfile(info, io.BytesIO(blob))
 
 
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']  # two ranks
+
+
 def run_script(script, *args, torchrun=False, check=True, timeout=600):
     """Run a training script with args in a subprocess from the repository root, as one process or as two
     torchrun ranks. With check, a failed run raises, showing the end of its output."""
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
+    launcher = TORCHRUN if torchrun else [sys.executable]
     proc = subprocess.run(launcher + [script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode:
         raise AssertionError(f'{script} {args} failed (exit status {proc.returncode}; < 0: killed by that signal):\n'
@@ -53,8 +55,7 @@ def terminate_mid_run(script, out_dir, *args, after_step=3, job_wide=False, torc
     would, and return the finished process (returncode, stdout and stderr read). job_wide: the signal goes to
     every process of the job (its process group: the data loader's workers too), as Slurm sends it; otherwise
     to the process started (torchrun passes it on to its ranks)."""
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'] if torchrun \
-        else [sys.executable]
+    launcher = TORCHRUN if torchrun else [sys.executable]
     proc = subprocess.Popen([*launcher, script, *args, f'--out_dir={out_dir}', '--log_interval=1'], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=job_wide)
 

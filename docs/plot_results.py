@@ -65,8 +65,8 @@ RUNS = {
         (mmacs('gumbel', r), f'colorprior{r}x-raster' if r != 4 else 'colorprior-raster',
          f'config/shapes_colorprior10x.py --compression={r}') for r in (4, 10)],
     'learned, pairs + colour cuts': [
-        (mmacs('gumbel', r, predictor_pairs=True), f'pairscolor{r}x-raster', f'config/shapes_pairscolor10x.py --compression={r}')
-        for r in (4, 10)],
+        (mmacs('gumbel', r, predictor_pairs=True), f'pairscolor{r}x-raster',
+         f'config/shapes_pairscolor10x.py --compression={r}') for r in (4, 10)],
     'the demo\'s router (segments >= 2 patches)': [
         (mmacs('gumbel', 4, predictor_pairs=True), 'router4x-raster', 'config/shapes_router4x.py')],
     'ToMe': [(mmacs('tome', cost=c), f'tome{r}x', f'config/shapes_tome4x.py --tome_cost={c}')

@@ -129,33 +129,40 @@ def check_sigterm_loses_nothing(script, config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def check_reinforce_run(script, config, tmp_path, steps, baseline):
-    """A short train_boundaries='reinforce' run with this reinforce_baseline ('train_on_greedy': the greedy one,
-    training on the top-k cuts; 'min_segment': the same with segments of at least 2 patches): exactly the target
-    compression (k boundaries per image) on every log line, a finite REINFORCE term, and a predictor that moved
-    from where it started."""
+def check_reinforce_run(script, config, tmp_path, steps, router=None):
+    """A short boundary='router' run (routers.py's learned router, trained by REINFORCE against the image's own
+    best cuts), with these router settings (None: RouterConfig's defaults): exactly the target compression (k
+    cuts per image) on every log line, a finite REINFORCE term, a predictor that moved from where it started
+    (its last layer starts at zero, and REINFORCE is its only gradient), and evaluation cuts of the trained
+    model that keep every segment at least min_segment patches long."""
+    import routers
+    from model import load_openclip
     out = str(tmp_path / 'run')
-    greedy = ['--reinforce_baseline=greedy', '--train_on_greedy=True']
-    baseline = dict(train_on_greedy=greedy, min_segment=greedy + ['--min_segment=2']).get(
-        baseline, [f'--reinforce_baseline={baseline}'])
-    run_script(script, config, f'--out_dir={out}', f'--max_steps={steps}', '--log_interval=2',
-               '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10', *baseline)
+    run_script(script, config, f'--out_dir={out}', f'--max_steps={steps}', '--log_interval=2', '--boundary=router',
+               *([f'--router={router!r}'] if router else []))
     lines = train_records(out)
-    assert lines and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)
-    weights = load_ckpt(out)['model']
+    assert len(lines) == steps // 2 and all(r['compression'] == 4.0 and math.isfinite(r['reinforce']) for r in lines)
+    ckpt = load_ckpt(out)
+    weights = ckpt['model']
     assert weights['visual.predictor.3.weight'].any()  # zero at the start: REINFORCE moved it
-    assert not torch.equal(weights['visual.predictor.position_bias'].abs(),
-                           torch.full_like(weights['visual.predictor.position_bias'], 2.0))
+    assert weights['visual.predictor.color_gain'].item() != 4.0  # RouterConfig.color_prior, where it started
+    visual = load_openclip(**ckpt['model_args'], tower=routers.RouterViT).visual
+    visual.load_state_dict({k[len('visual.'):]: v for k, v in weights.items() if k.startswith('visual.')})
+    assert visual.cfg.min_segment == (router or {}).get('min_segment', 2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        aux = visual.eval()(torch.randn(8, 3, 32, 32))[1]
+    assert aux['n_segments'].eq(4).all() and aux['segment_sizes'].min() >= visual.cfg.min_segment  # 16 patches
 
 
 def check_distortion_weight(script, config, tmp_path):
-    """distortion_weight: the same REINFORCE run (same seed, same draws) with the pooling distortion in the
-    samples' cost trains its router differently from one without, and logs the distortion, a share in (0, 1)."""
-    outs = [str(tmp_path / f'weight{w}') for w in (0, 1)]
-    for out, weight in zip(outs, (0, 1)):
-        run_script(script, config, f'--out_dir={out}', '--max_steps=4', '--log_interval=2',
-                   '--train_boundaries=reinforce', '--position_prior=2.0', '--router_lr_scale=10',
-                   '--reinforce_baseline=greedy', f'--distortion_weight={weight}')
+    """The router's distortion_weight: the same REINFORCE run (same seed, same draws) with the pooling distortion in
+    the samples' cost (3, the default) trains its router differently from one without (0), and logs the
+    distortion, a share in (0, 1)."""
+    outs = [str(tmp_path / f'weight{w}') for w in (0, 3)]
+    for out, weight in zip(outs, (0.0, 3.0)):
+        run_script(script, config, f'--out_dir={out}', '--max_steps=4', '--log_interval=2', '--boundary=router',
+                   f"--router={{'distortion_weight': {weight}}}")
     assert all(0 < r['distortion'] < 1 for out in outs for r in train_records(out))
     without, with_ = (load_ckpt(out)['model'] for out in outs)
     assert not torch.equal(without['visual.predictor.3.weight'], with_['visual.predictor.3.weight'])

@@ -40,14 +40,16 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, einsum_flop_jit, get_shape,
-                                   linear_flop_jit, matmul_flop_jit)
+with warnings.catch_warnings():  # fvcore's import scripts a function with torch.jit, which this torch deprecates
+    warnings.simplefilter('ignore', FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import (addmm_flop_jit, bmm_flop_jit, conv_flop_jit, einsum_flop_jit, get_shape,
+                                       linear_flop_jit, matmul_flop_jit)
 
 import data
 import tome
-from model import DTP_MODULES, DTPConfig, DTPViT, fixed_boundaries, load_openclip, read_checkpoint
-from train_utils import boundary_confidence, segment_quality
+from model import DTPConfig, DTPViT, fixed_boundaries, is_new, load_openclip, read_checkpoint
+from train_utils import boundary_confidence, segment_quality, tower_class
 
 # -----------------------------------------------------------------------------------------------
 # Counting with fvcore
@@ -118,21 +120,22 @@ def closed_form(cfg: DTPConfig, n_segments=None):
     S = (n_segments or cfg.n_segments) if dtp else N
     tokens = [N + 1] * cfg.pre_layers + [1 + S] * cfg.short_layers  # [CLS] + tokens through each block
     h = cfg.predictor_hidden or D
+    reads = 2 * D if cfg.boundary == 'router' else D  # routers.py's router reads each patch and its change to the next
     return {
         'patch embedding': N * 3 * p * p * D,  # the conv is a (3 p p) -> D linear map per patch
         'qkv + out projections': sum(L * D * 3 * D + L * D * D for L in tokens),
         'attention matmuls': sum(2 * L * L * D for L in tokens),  # q k^T and attn v, all heads together
         'MLPs': sum(2 * L * D * hidden for L in tokens),
-        # Linear(D, h) (Linear(2 D, h) reading pairs), Linear(h, 1)
-        'boundary predictor': N * ((2 if cfg.predictor_pairs else 1) * D * h + h) if cfg.boundary == 'gumbel' else 0,
+        'boundary predictor': N * (reads * h + h) if cfg.learned else 0,  # Linear(reads, h), Linear(h, 1)
         'pooling': S * N * D if dtp else 0,  # einsum('bns,bnd->bsd'): segment weights x patch tokens
         'projection': D * cfg.embed_dim,  # [CLS] (or mean) token -> embedding
     }
 
 
 def plain_config(cfg):
-    """The plain ViT of a DTP config: the same geometry, no pooling (and so none of DTP's own modules)."""
-    return dataclasses.replace(cfg, boundary='none', extent_embedding=False, color_prior=0.0, predictor_pairs=False)
+    """The plain ViT of a DTP (or router) config: model.py's DTPConfig with the same geometry, no pooling."""
+    return DTPConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(DTPConfig)
+                        if f.name not in ('boundary', 'eval_boundaries')}, boundary='none')
 
 
 def gmacs(cfg, n_segments=None):
@@ -188,6 +191,10 @@ def tome_r_for_cost(cfg, rel_cost, per_block=False):
 
     def miss(r):
         return abs(tome_gmacs(cfg, r) / plain - rel_cost)
+    cheapest = tome_gmacs(cfg, cfg.n_patches // 2) / plain  # every block halves the tokens
+    if not cheapest - 1e-6 <= rel_cost <= 1:
+        raise ValueError(f"ToMe cost {rel_cost} of the plain ViT: ToMe's schedules on this tower cost between "
+                         f"{cheapest:.3f} (every block halving the tokens) and 1")
     r = min(range(cfg.n_patches // 2 + 1), key=miss)
     if not per_block:
         return r
@@ -325,7 +332,8 @@ def load_tower(path, model, ratio=None, pre_layers=None, image_size=None):
                              f"--checkpoint measures DTP pooling; ToMe's counts are printed by --tome-r R or --tome-cost C")
         if 'model_args' in ckpt:
             arch = ckpt['model_args'].get('model_name', 'ViT-B-32')
-            tower = load_openclip(**{**ckpt['model_args'], 'pretrained': None}).visual
+            tower = load_openclip(**{**ckpt['model_args'], 'pretrained': None},
+                                  tower=tower_class(ckpt['model_args'].get('boundary'))).visual
         else:
             config, names = ckpt['config'], {f.name for f in dataclasses.fields(DTPConfig)}
             fields = {k: v for k, v in {**config, **(config.get('vision') or {})}.items() if k in names}
@@ -385,8 +393,7 @@ def checkpoint_rows(args, device):
     if not segments:
         raise SystemExit(f'no readable image under {args.data}')
     plain = plain_config(cfg)
-    dtp_own = tuple(f'{name}.' for name in DTP_MODULES)  # the plain ViT's parameters are the rest
-    params = sum(p.numel() for n, p in tower.named_parameters() if not n.startswith(dtp_own))
+    params = sum(p.numel() for n, p in tower.named_parameters() if not is_new(n))  # the plain ViT's
     common = dict(arch=arch, image_size=cfg.image_size, pre_layers=cfg.pre_layers, images=len(segments),
                   unreadable=len(unreadable),
                   batch_size=args.batch_size, eval_boundaries=cfg.eval_boundaries)
@@ -411,14 +418,14 @@ def checkpoint_rows(args, device):
 # -----------------------------------------------------------------------------------------------
 # --bench: what the FLOP savings buy in wall-clock time and memory
 
-def bench_towers(base, ratios, tome_rs=(), train_boundaries='bernoulli'):
-    """The plain ViT, a gumbel DTP-ViT per ratio (trained by train_boundaries' samples), and ToMe per r of
+def bench_towers(base, ratios, tome_rs=()):
+    """The plain ViT, a gumbel DTP-ViT per ratio (trained on the paper's Bernoulli samples), and ToMe per r of
     tome_rs, with the same weights (only the predictor is new)."""
     torch.manual_seed(0)
     plain = DTPViT(base)
     towers = [(None, plain)]
     for r in ratios:
-        tower = DTPViT(dataclasses.replace(base, boundary='gumbel', compression=r, train_boundaries=train_boundaries))
+        tower = DTPViT(dataclasses.replace(base, boundary='gumbel', compression=r))
         missing, unexpected = tower.load_state_dict(plain.state_dict(), strict=False)
         assert not unexpected and all(k.startswith('predictor.') for k in missing), (missing, unexpected)
         towers.append((r, tower))
@@ -466,7 +473,7 @@ def bench_rows(args, base, ratios, device, tome_rs=()):
     batch, N = args.batch_size, base.n_patches
     images = torch.randn(batch, 3, base.image_size, base.image_size,
                          generator=torch.Generator().manual_seed(0)).to(device)
-    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios, tome_rs, args.train_boundaries)]
+    towers = [(r, t.to(device)) for r, t in bench_towers(base, ratios, tome_rs)]
 
     def interleaved(fns, warmup):
         """Median seconds of each fn, timed round-robin so that background load hits every row alike."""
@@ -532,8 +539,7 @@ def bench_rows(args, base, ratios, device, tome_rs=()):
                          throughput=batch / t_inf, train_step_s=t_train, peak_mem_gb=mem, ideal=ideal,
                          device=device, batch_size=batch, repeats=args.repeats,
                          mode={'none': 'plain ViT', 'tome': 'ToMe: the same merges in inference and training',
-                               'dtp': 'inference: eval, top-k boundaries; training: Gumbel boundaries '
-                                      f'({args.train_boundaries})'}[pooling]))
+                               'dtp': 'inference: eval, top-k boundaries; training: Gumbel boundaries'}[pooling]))
     for row in rows:
         row['speedup'] = row['throughput'] / rows[0]['throughput']
         row['train_speedup'] = rows[0]['train_step_s'] / row['train_step_s']
@@ -599,15 +605,14 @@ def main(argv=None):
     parser.add_argument('--bench', action='store_true', help='also measure throughput, train step, memory')
     parser.add_argument('--batch-size', type=int, help='bench/checkpoint batch (default 32 on CPU, 256 on CUDA)')
     parser.add_argument('--repeats', type=int, default=5, help='bench: timed repeats per row (median)')
-    parser.add_argument('--train-boundaries', choices=['bernoulli', 'topk'], default='bernoulli',
-                        help="bench: DTP's training samples: the paper's Bernoulli (segment counts vary per image and "
-                             "step) or Gumbel-top-k (round(N/r) per image, as evaluation)")
     parser.add_argument('--threads', type=int, help="bench: torch.set_num_threads (default: torch's, one per core)")
     parser.add_argument('--checkpoint', help='training checkpoint, or OpenCLIP-format file (needs --data)')
     parser.add_argument('--data', help='directory of images (searched recursively) for --checkpoint')
     parser.add_argument('--eval-boundaries', choices=['topk', 'threshold'],
                         help="--checkpoint: override the checkpoint's eval rule (topk: round(N/r) per image)")
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f'--batch-size {args.batch_size}: must be >= 1')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args.batch_size = args.batch_size or (256 if device == 'cuda' else 32)
     say = (lambda *a: None) if args.json else print
@@ -622,7 +627,7 @@ def main(argv=None):
         rows, cfg, segments = checkpoint_rows(args, device)
         say(f"{args.checkpoint}: {rows[0]['arch']} (width {cfg.width}, {cfg.pre_layers}+{cfg.short_layers} layers, "
             f"patch {cfg.patch_size}, {cfg.image_size}px, {cfg.n_patches} patches), boundary {cfg.boundary}, "
-            f"compression {cfg.compression:g}, scan {cfg.scan}, eval boundaries {cfg.eval_boundaries}")
+            f"compression {cfg.compression:g}, eval boundaries {cfg.eval_boundaries}")
         say(f"{len(segments)} images under {args.data}, batch {args.batch_size}; segments per image: min "
             f"{min(segments)}, mean {statistics.fmean(segments):.2f}, max {max(segments)}")
         say("GMACs from the closed form (fvcore's convention: 1 multiply-add = 1 FLOP; GFLOPs = 2 x GMACs): "
@@ -654,8 +659,7 @@ def main(argv=None):
         say("fvcore FlopCountAnalysis with attention handles. GMACs = fvcore's count (1 multiply-add = 1 FLOP); "
             "GFLOPs = 2 x GMACs, as OpenCLIP and most papers quote")
         say(f"DTP at ratio r: the gumbel model, predictor included, on evenly spaced boundaries giving "
-            f"round({N}/r) segments (what evaluation keeps); tokens = tokens in the shortened layers, [CLS] included; the scan order "
-            f"(raster or hilbert) only permutes the patches and leaves every count unchanged")
+            f"round({N}/r) segments (what evaluation keeps); tokens = tokens in the shortened layers, [CLS] included")
         if tome_rs:
             say(f"ToMe (tome.py) on the plain ViT, every block: r tokens merged after each block's attention "
                 f"(at most (L - 1) // 2); tokens = tokens reaching ln_post; predictor+pool = the matching's "
@@ -673,8 +677,7 @@ def main(argv=None):
                 f", {precision}), batch {args.batch_size}, median of {args.repeats} repeats timed round-robin; "
                 f"same weights and inputs in every row")
             say("DTP rows run the real predictor: inference in eval mode (top-k boundaries, round(N/r) segments); "
-                f"training in train mode (Gumbel-sampled boundaries, {args.train_boundaries}: train tokens is "
-                "their mean;")
+                "training in train mode (the paper's Gumbel-sampled boundaries: train tokens is their mean;")
             say("  the blocks pack the real tokens, attention alone runs padded to the batch's largest count; with "
                 "bernoulli samples the untrained predictor's segment counts vary as much as a given rate allows)")
             if tome_rs:

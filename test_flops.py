@@ -14,7 +14,9 @@ from PIL import Image
 
 import data
 import flops
+import routers
 import tome
+from conftest import run_script
 from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
 
 RATIOS = [1, 2, 4, 10]
@@ -29,6 +31,7 @@ def table(request):
 
 
 def test_fvcore_equals_closed_form(table):
+    """To the multiply-add: both count the same matmuls of the same shapes."""
     _, rows, base = table
     assert [r['pooling'] for r in rows] == ['none'] + ['dtp'] * len(RATIOS)
     N = base.n_patches
@@ -38,7 +41,7 @@ def test_fvcore_equals_closed_form(table):
             cfg = dataclasses.replace(base, boundary='gumbel', compression=row['ratio'])
             S = cfg.n_segments
         closed = sum(flops.closed_form(cfg, S).values())
-        assert row['macs'] == pytest.approx(closed, rel=0.005), row
+        assert row['macs'] == closed, row
 
 
 def test_plain_vit_matches_openclip_published_count(table):
@@ -152,7 +155,8 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     plain, ideal, padded = rows
     assert (plain['pooling'], ideal['pooling'], padded['pooling']) == ('none', 'dtp', 'dtp')
     cfg = clip.visual.cfg
-    assert plain['gmacs'] == pytest.approx(flops.gmacs(dataclasses.replace(cfg, boundary='none')))
+    assert plain['gmacs'] == flops.gmacs(DTPConfig(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1,
+                                                   short_layers=2, embed_dim=16, boundary='none'))
 
     # the same two batches by hand: the loader's weights, sorted paths, the eval transform
     loaded, _ = flops.load_tower(str(tmp_path / 'ckpt.pt'), 'ignored')
@@ -174,46 +178,75 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     assert padded['gmacs'] > ideal['gmacs']
     # fvcore on that padded batch (packed blocks, masked attention) = what padded_gmacs says it runs
     total = flops.fvcore_count(loaded, batches[0], b).total()
-    assert total == pytest.approx(1e9 * sum(flops.padded_gmacs(cfg, s, max(counts)) for s in counts), rel=0.005)
+    assert total == pytest.approx(1e9 * sum(flops.padded_gmacs(cfg, s, max(counts)) for s in counts), rel=1e-12)
 
 
-def test_checkpoint_with_extent_embeddings_compares_to_the_plain_vit(tmp_path):
-    """A colour-router checkpoint with extent embeddings: its plain-ViT row is the same ViT without DTP's
-    own weights (no extent embeddings: the parameter count drops by theirs), and the extent embeddings
-    add no MACs to the pooled rows."""
+@pytest.fixture(scope='module')
+def router_run(tmp_path_factory):
+    """The checkpoint of a 2-step train_clip.py run with routers.py's learned router (its defaults: min_segment 2,
+    a colour gain, extent embeddings) on config/shapes_tiny.py: 32 px, 8 px patches, width 32, 1 + 1 blocks."""
+    out = tmp_path_factory.mktemp('router') / 'run'
+    run_script('train_clip.py', 'config/shapes_tiny.py', f'--out_dir={out}', '--boundary=router', '--max_steps=2')
+    return str(out / 'ckpt.pt')
+
+
+def flops_cli(*args):
+    return subprocess.run([sys.executable, 'flops.py', *args], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+
+
+def test_a_router_runs_checkpoint_compares_to_the_plain_vit(router_run):
+    """python flops.py --checkpoint on a boundary='router' run (it used to crash building the plain ViT's config
+    when min_segment > 1): its plain-ViT row is the ViT of that geometry with boundary='none', built here by hand,
+    and its parameters are the checkpoint's less the router's own (predictor, colour gain included, and extent
+    embeddings); every image gets its round(16 / 4) = 4 segments."""
+    proc = flops_cli('--checkpoint', router_run, '--data', data.shapes_paths()['val'], '--json')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, ideal, padded = json.loads(proc.stdout)
+    by_hand = DTPConfig(image_size=32, patch_size=8, width=32, heads=2, embed_dim=32, pre_layers=1, short_layers=1,
+                        boundary='none')
+    vit = DTPViT(by_hand)
+    assert plain['pooling'] == 'none' and plain['gmacs'] == flops.gmacs(by_hand)
+    assert plain['gmacs'] * 1e9 == flops.fvcore_count(vit, torch.zeros(1, 3, 32, 32)).total()
+    weights = {k[len('visual.'):]: v for k, v in torch.load(router_run, weights_only=True)['model'].items()
+               if k.startswith('visual.')}
+    own = {k: v.numel() for k, v in weights.items() if k.startswith(('predictor.', 'extent_embedding.'))}
+    assert 'predictor.color_gain' in own and {'extent_embedding.start', 'extent_embedding.end'} <= set(own)
+    assert plain['params'] == sum(p.numel() for p in vit.parameters()) == ideal['params'] - sum(own.values())
+    assert ideal['params'] == sum(v.numel() for v in weights.values())
+    assert ideal['images'] == 1500 and ideal['tokens'] == padded['tokens'] == 1 + 4
+    assert ideal['gmacs'] == padded['gmacs'] < plain['gmacs']
+
+
+def test_checkpoint_batch_size_must_be_positive(router_run):
+    """--batch-size 0 used to be taken for "not given" (32) silently; it is refused naming it."""
+    proc = flops_cli('--batch-size', '0', '--checkpoint', router_run, '--data', data.shapes_paths()['val'])
+    assert proc.returncode != 0 and '--batch-size 0: must be >= 1' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and not proc.stdout
+
+
+def test_checkpoint_of_a_weightless_rule_compares_to_the_plain_vit(tmp_path):
+    """routers.py's colour rule has no weights: the plain-ViT row has all its parameters, and the pooled rows
+    cost the closed form at round(16 / 4) = 4 segments, nothing more."""
     model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
-                      **{**TINY, 'boundary': 'color', 'extent_embedding': True})
-    clip = load_openclip(**model_args)
-    torch.save(dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-B-32'), step=1),
+                      **{**TINY, 'boundary': 'color', 'eval_boundaries': 'topk'})
+    clip = load_openclip(**model_args, tower=routers.RouterViT)
+    torch.save(dict(model=clip.state_dict(), model_args=model_args, config=dict(arch='ViT-B-32'), step=1),
                tmp_path / 'ckpt.pt')
     write_images(tmp_path / 'val', 4)
     plain, ideal, padded = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val'),
                                        '--json'])
     cfg = clip.visual.cfg
-    extent = sum(p.numel() for p in clip.visual.extent_embedding.parameters())
-    assert extent == 2 * cfg.n_patches * cfg.width
-    assert plain['params'] == ideal['params'] - extent
-    assert plain['gmacs'] == pytest.approx(flops.gmacs(dataclasses.replace(cfg, boundary='none', extent_embedding=False)))
-    assert ideal['gmacs'] == pytest.approx(flops.gmacs(cfg)) == pytest.approx(padded['gmacs'])
+    assert isinstance(cfg, routers.RouterConfig) and cfg.boundary == 'color'
+    assert plain['params'] == ideal['params'] == sum(p.numel() for p in clip.visual.parameters())
+    assert plain['gmacs'] == flops.gmacs(DTPConfig(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1,
+                                                   short_layers=2, embed_dim=16, boundary='none'))
+    assert ideal['gmacs'] == flops.gmacs(cfg) == padded['gmacs'] and ideal['tokens'] == 1 + 4
 
-
-
-def test_checkpoint_of_the_color_prior_router_compares_to_the_plain_vit(tmp_path):
-    """A learned router with a colour prior (its gain a weight of the predictor): flops.py reads the
-    checkpoint, and its plain-ViT row drops the predictor, gain included."""
-    model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
-                      **{**TINY, 'boundary': 'gumbel', 'train_boundaries': 'reinforce', 'color_prior': 4.0})
-    clip = load_openclip(**model_args)
-    torch.save(dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-B-32'), step=1),
-               tmp_path / 'ckpt.pt')
-    write_images(tmp_path / 'val', 4)
-    plain, ideal, _ = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val'), '--json'])
-    assert plain['params'] == ideal['params'] - sum(p.numel() for p in clip.visual.predictor.parameters())
-    assert plain['gmacs'] == pytest.approx(flops.gmacs(flops.plain_config(clip.visual.cfg)))
 
 def test_checkpoint_skips_and_counts_unreadable_images(tmp_path, capsys):
     model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
-                      **{**TINY, 'boundary': 'fixed'})
+                      **{**TINY, 'boundary': 'fixed', 'eval_boundaries': 'topk'})
     torch.save(dict(model=load_openclip(**model_args).state_dict(), model_args=model_args, step=1), tmp_path / 'ckpt.pt')
     write_images(tmp_path / 'val', 3)
     (tmp_path / 'val' / 'broken.jpg').write_bytes(b'not a jpeg')
@@ -225,7 +258,7 @@ def test_checkpoint_skips_and_counts_unreadable_images(tmp_path, capsys):
 def test_a_tome_runs_checkpoint_is_refused(tmp_path):
     """Its weights are the plain ViT's: counted as DTP it would be reported at the plain ViT's cost."""
     model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
-                      **{**TINY, 'boundary': 'none'})
+                      **{**TINY, 'boundary': 'none', 'eval_boundaries': 'topk'})
     torch.save(dict(model=load_openclip(**model_args).state_dict(), model_args=model_args, step=1,
                     config=dict(tome_r=2, tome_cost=0.0)), tmp_path / 'ckpt.pt')
     write_images(tmp_path / 'val', 2)
@@ -261,49 +294,56 @@ def test_bench_smoke():
     assert rows[1]['bench_tokens'] == 1 + 2 and rows[1]['ideal'] > 1
 
 
-@pytest.mark.parametrize('train_boundaries', ['bernoulli', 'topk'])
-def test_bench_trains_with_the_samples_asked_for(train_boundaries):
-    """--train-boundaries topk times training steps on exactly round(N / r) segments per image (no host
-    read-back of the count); bernoulli, the default, on the paper's samples, whose counts vary."""
-    threads = torch.get_num_threads()
-    try:
-        rows = flops.main(['--model', 'ViT-S-32', '--image-size', '96', '--ratio', '3', '--bench', '--batch-size', '4',
-                           '--repeats', '1', '--threads', '1', '--json', '--train-boundaries', train_boundaries])
-    finally:
-        torch.set_num_threads(threads)
-    assert rows[1]['mode'].endswith(f'({train_boundaries})')
-    if train_boundaries == 'topk':  # 9 patches at 3x: 3 segments for every image, every step
-        assert rows[1]['train_tokens'] == rows[1]['bench_tokens'] == 1 + 3
+def router_config(base, **settings):
+    """routers.RouterConfig with the geometry of the plain config base."""
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(DTPConfig)}
+    return routers.RouterConfig(**{**fields, 'boundary': 'router', 'compression': 4.0, **settings})
 
 
-def test_scan_order_leaves_the_flops_unchanged():
-    """Hilbert order permutes the patches before segmentation: same segments per image, same count."""
-    base = dataclasses.replace(flops.base_config('ViT-B-32'), boundary='gumbel', compression=4.0)
-    images, b = torch.zeros(1, 3, 224, 224), fixed_boundaries(1, 49, 13)
-    counts = [flops.fvcore_count(DTPViT(dataclasses.replace(base, scan=scan)), images, b).total()
-              for scan in ('raster', 'hilbert')]
-    assert counts[0] == counts[1] == pytest.approx(1e9 * flops.gmacs(base, 13), rel=0.005)
+@pytest.mark.parametrize('boundary, settings', [
+    ('fixed', {}), ('cosine', {}), ('cosine', dict(size_attention=True)), ('color', {}),
+], ids=['fixed', 'cosine', 'cosine_size_attention', 'color'])
+def test_weightless_rules_are_counted_by_the_closed_form(boundary, settings):
+    """Fixed pooling and routers.py's cosine and colour rules (and size-aware attention, a bias on the logits) add no
+    counted work beyond the pooling: fvcore's count of what runs equals the closed form at round(49 / 4) = 12
+    segments, on ViT-B-32 shapes, to the multiply-add."""
+    base = flops.base_config('ViT-B-32')
+    if boundary == 'fixed':
+        cfg, tower = dataclasses.replace(base, boundary='fixed', compression=4.0), DTPViT
+    else:
+        cfg, tower = router_config(base, boundary=boundary, **settings), routers.RouterViT
+    count = flops.fvcore_count(tower(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
+    assert count == sum(flops.closed_form(cfg).values()) and cfg.n_segments == 12
+    assert flops.closed_form(cfg)['boundary predictor'] == 0
 
 
-@pytest.mark.parametrize('boundary, extent', [('cosine', False), ('fixed', False), ('color', False), ('fixed', True)])
-def test_weightless_routers_are_counted_by_the_closed_form(boundary, extent):
-    """The cosine and colour routers, fixed pooling and the extent embeddings (a gather and an add) add
-    no counted work beyond the pooling: fvcore's count of what runs equals the closed form at
-    round(49 / 4) = 12 segments, on ViT-B-32 shapes."""
-    cfg = dataclasses.replace(flops.base_config('ViT-B-32'), boundary=boundary, compression=4.0,
-                              extent_embedding=extent)
-    count = flops.fvcore_count(DTPViT(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
-    assert count == pytest.approx(1e9 * flops.gmacs(cfg), rel=1e-6) and cfg.n_segments == 12
+def test_the_routers_predictor_is_counted_by_the_closed_form():
+    """routers.py's learned router reads each patch and its change to the next (2 D features): fvcore counts its
+    predictor at N (2 D h + h) on ViT-B-32 (h = D), as the closed form does, and the whole tower to the multiply-add;
+    its plain ViT (flops.plain_config) is model.py's DTPConfig of the same geometry, without the predictor."""
+    base = flops.base_config('ViT-B-32')
+    cfg = router_config(base)
+    analysis = flops.fvcore_count(routers.RouterViT(cfg).eval(), torch.randn(1, 3, 224, 224))
+    assert analysis.by_module()['tower.predictor'] == flops.closed_form(cfg)['boundary predictor'] == (
+        49 * (2 * 768 * 768 + 768))
+    assert analysis.total() == sum(flops.closed_form(cfg).values())
+    plain = flops.plain_config(cfg)
+    assert type(plain) is DTPConfig and plain == base
+    assert not hasattr(DTPViT(plain), 'predictor')
 
-def test_a_predictor_reading_pairs_is_counted_by_the_closed_form():
-    """predictor_pairs doubles the predictor's first layer (it reads 2 D features per patch): fvcore's count
-    of the ViT-B-32 tower equals the closed form, N (2 D h + h) for the predictor, and the plain ViT of that
-    config drops it with the rest of the predictor."""
-    cfg = dataclasses.replace(flops.base_config('ViT-B-32'), boundary='gumbel', compression=4.0, predictor_pairs=True)
-    count = flops.fvcore_count(DTPViT(cfg).eval(), torch.randn(1, 3, 224, 224)).total()
-    assert count == pytest.approx(1e9 * flops.gmacs(cfg), rel=1e-6)
-    assert flops.closed_form(cfg)['boundary predictor'] == 49 * (2 * 768 * 768 + 768)
-    assert DTPViT(flops.plain_config(cfg))  # a valid config: no predictor to read pairs
+
+def test_tome_r_for_cost_refuses_a_cost_below_the_cheapest_schedule():
+    """Below the cost of every block halving its tokens no schedule exists: a ValueError naming that cheapest
+    cost (it used to return the cheapest schedule silently); the cheapest cost itself is that schedule."""
+    base = flops.base_config('ViT-B-32')
+    cheapest = flops.tome_gmacs(base, 1000) / flops.gmacs(base)  # 1000 saturates: (L - 1) // 2 in every block
+    with pytest.raises(ValueError, match=rf'between {cheapest:.3f} \(every block halving the tokens\) and 1'):
+        flops.tome_r_for_cost(base, cheapest - 0.01)
+    with pytest.raises(ValueError):
+        flops.tome_r_for_cost(base, 1.01)
+    r = flops.tome_r_for_cost(base, cheapest)
+    assert tome.applied(50, r, 12) == tome.applied(50, 1000, 12)
+    assert flops.tome_r_for_cost(base, 1.0) == 0
 
 
 def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
@@ -342,7 +382,7 @@ def test_tome_fvcore_equals_closed_form(r):
     base = flops.base_config('ViT-B-32')
     analysis = flops.fvcore_count(tome.patch(DTPViT(base), r), torch.zeros(1, 3, 224, 224))
     parts = flops.tome_closed_form(base, r)
-    assert analysis.total() == pytest.approx(sum(parts.values()), rel=0.005)
+    assert analysis.total() == sum(parts.values())  # to the multiply-add
     assert analysis.by_operator()['matmul'] == parts['matching'] + parts['projection'] and parts['matching'] > 0
     zero = flops.tome_closed_form(base, 0)  # r = 0: the plain ViT's count
     assert zero['matching'] == 0 and sum(zero.values()) == sum(flops.closed_form(base).values())
@@ -368,7 +408,7 @@ def test_tome_rows_in_the_cli():
     assert [r['pooling'] for r in rows] == ['none', 'dtp', 'tome', 'tome']
     base = flops.base_config('ViT-B-32')
     for row, r in zip(rows[2:], [8, flops.tome_r_for_cost(base, 0.42, per_block=True)]):
-        assert row['tome_r'] == r and row['gmacs'] == pytest.approx(flops.tome_gmacs(base, r), rel=0.005)
+        assert row['tome_r'] == r and row['gmacs'] == flops.tome_gmacs(base, r)
         assert row['tokens'] == row['tokens_per_block'][-1] - min(r if isinstance(r, int) else r[-1],
                                                                   (row['tokens_per_block'][-1] - 1) // 2)
     assert rows[3]['rel_cost'] == pytest.approx(0.42, abs=0.01)

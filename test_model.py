@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 
 import model as M
 from model import CLIP, DTPConfig, DTPViT, load_openclip
-from train_utils import distortion_cost, reinforce_loss
 
 TEXT_TINY = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 
@@ -58,10 +57,7 @@ def test_plain_vit_reproduces_openclip(openclip_b32, fmt):
 
 def test_gumbel_with_every_patch_a_boundary_reproduces_openclip(openclip_b32):
     d, images, texts, (ref_image, _) = openclip_b32
-    # the extent embeddings are DTP's own weights, as the predictor: zero until trained, so no change
-    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='gumbel', compression=4,
-                          extent_embedding=True).eval()
-    assert not model.visual.extent_embedding['start'].any()
+    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='gumbel', compression=4).eval()
     with torch.no_grad():
         forced, aux = model.visual(images, boundaries=torch.ones(3, 49))
         # compression 1 asks for one segment per patch from the predictor's own top-k
@@ -238,23 +234,6 @@ def test_features_do_not_depend_on_the_rest_of_the_batch(pool, eval_boundaries):
     assert (batch - alone).abs().max() <= 1e-5
 
 
-def test_the_demo_routers_evaluation_is_deterministic_and_batch_invariant():
-    """config/shapes_router4x.py's router at ViT-B-32 shapes (min_segment=2, colour prior, pair-reading
-    predictor, extent embeddings): the cuts evaluation takes, one after another, depend on each image alone."""
-    torch.manual_seed(0)
-    vit = DTPViT(DTPConfig(compression=4, train_boundaries='reinforce', reinforce_baseline='greedy',
-                           train_on_greedy=True, min_segment=2, color_prior=4.0, predictor_pairs=True,
-                           extent_embedding=True)).eval()
-    with torch.no_grad():
-        vit.predictor[-1].weight.normal_()  # REINFORCE's last layer starts at zero: give the logits content
-        images = torch.randn(5, 3, 224, 224)
-        batch, aux = vit(images)
-        again = vit(images)[0]
-        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
-    assert torch.equal(batch, again) and (batch - alone).abs().max() <= 1e-5
-    assert aux['segment_sizes'].min() >= 2 and aux['n_segments'].eq(12).all()  # 49 patches at 4x
-
-
 # 4. deterministic evaluation --------------------------------------------------------------------
 
 @pytest.mark.parametrize('eval_boundaries', ['threshold', 'topk'])
@@ -353,10 +332,14 @@ def test_boundary_loss_alone_trains_the_rate_to_the_target(compression):
 # 7. fixed pooling and mixed precision ----------------------------------------------------------
 
 @pytest.mark.parametrize('n', [49, 196, 64])
-@pytest.mark.parametrize('compression', [1, 2, 3, 4, 10, 49])
-def test_fixed_boundaries_give_ceil_n_over_r_even_segments(n, compression):
-    S = min(n, math.ceil(n / compression))
-    b = M.fixed_boundaries(2, n, S)
+@pytest.mark.parametrize('compression', [1, 2, 3, 4, 10, 49, 98])
+def test_fixed_pooling_cuts_n_over_r_rounded_half_up_even_segments(n, compression):
+    """The count is N / r rounded half up, at least 1 (49 / 2 = 24.5 -> 25, not Python's round() to even),
+    and the evenly spaced segments differ in size by one patch at most."""
+    S = max(1, int(n / compression + 0.5))
+    cfg = DTPConfig(image_size=int(math.isqrt(n)) * 8, patch_size=8, compression=compression)
+    assert cfg.n_patches == n and cfg.n_segments == S
+    b = M.fixed_boundaries(2, n, cfg.n_segments)
     assert (b.sum(1) == S).all() and b[0, -1] == 1
     ends = torch.nonzero(b[0]).flatten()
     sizes = torch.diff(ends, prepend=torch.tensor([-1]))
@@ -372,17 +355,15 @@ def test_fixed_mode_in_the_model():
 
 
 @pytest.mark.parametrize('compression', [2.0, 4.0, 3.0, 10.0])
-def test_one_segment_count_for_fixed_pooling_topk_eval_topk_training_and_flops(compression):
+def test_one_segment_count_for_fixed_pooling_topk_eval_and_flops(compression):
     """At ratio r every path keeps N / r segments rounded half up (49 / 2 = 24.5 -> 25): the FLOP
     tables count what evaluation runs."""
     import flops
     images = torch.randn(2, 3, 224, 224)
     expected = math.floor(49 / compression + 0.5)
     counts = []
-    for boundary, train_boundaries, mode in [('fixed', 'bernoulli', 'eval'), ('gumbel', 'bernoulli', 'eval'),
-                                             ('gumbel', 'topk', 'train')]:
-        vit = DTPViT(DTPConfig(boundary=boundary, train_boundaries=train_boundaries, compression=compression,
-                               short_layers=1))
+    for boundary, mode in [('fixed', 'eval'), ('fixed', 'train'), ('gumbel', 'eval')]:
+        vit = DTPViT(DTPConfig(boundary=boundary, compression=compression, short_layers=1))
         with torch.no_grad():
             counts += getattr(vit, mode)()(images)[1]['n_segments'].tolist()
     assert counts == [expected] * 6
@@ -398,13 +379,11 @@ def test_topk_eval_gives_round_n_over_r_segments():
     assert abs(aux['compression'] - 64 / 21) < 1e-5
 
 
-@pytest.mark.parametrize('boundary, size_attention', [('gumbel', False), ('gumbel', True), ('cosine', True),
-                                                      ('color', False)])
+@pytest.mark.parametrize('boundary', ['gumbel', 'fixed'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_mixed_precision_forward_backward_is_finite(dtype, boundary, size_attention):
+def test_mixed_precision_forward_backward_is_finite(dtype, boundary):
     torch.manual_seed(0)
-    vit = DTPViT(tiny(compression=4, boundary=boundary, size_attention=size_attention,
-                      extent_embedding=True)).train()
+    vit = DTPViT(tiny(compression=4, boundary=boundary)).train()
     if boundary == 'gumbel':
         with torch.no_grad():  # a confident predictor: probabilities near 0 and 1, where fp16 broke
             vit.predictor[-1].weight.mul_(50)
@@ -457,429 +436,13 @@ def test_config_errors_are_clear():
         DTPConfig(boundary='dynamic')
     with pytest.raises(ValueError, match='compression'):
         DTPConfig(compression=0.5)
-    with pytest.raises(ValueError, match="extent_embedding.*boundary='none'"):
-        DTPConfig(boundary='none', extent_embedding=True)
+    with pytest.raises(ValueError, match="eval_boundaries='threshold' needs a learned predictor"):
+        DTPConfig(boundary='fixed', eval_boundaries='threshold')  # a setting that does not apply is refused
+    with pytest.raises(ValueError, match='boundary'):
+        DTPConfig(boundary='router')  # routers.py's rules are RouterConfig's
 
 
-# 7. scan order ---------------------------------------------------------------------------------
-
-def grid_steps(order, w):
-    """City-block length of every step between consecutive cells of a row-major order."""
-    return [abs(a // w - b // w) + abs(a % w - b % w) for a, b in zip(order, order[1:])]
-
-
-@pytest.mark.parametrize('h, w', [(6, 6), (7, 7), (14, 14), (16, 16), (5, 7), (7, 5), (6, 10), (3, 8), (1, 5)])
-def test_hilbert_order_is_a_path_through_neighbouring_patches(h, w):
-    order = M.gilbert_order(h, w)
-    assert sorted(order) == list(range(h * w))
-    assert all(step == 1 for step in grid_steps(order, w))
-
-
-@pytest.mark.parametrize('h, w', [(4, 5), (6, 7), (9, 4)])
-def test_hilbert_order_takes_one_diagonal_step_where_parity_forces_it(h, w):
-    # an odd long side and an even short side: one step is diagonal, never longer
-    order = M.gilbert_order(h, w)
-    steps = grid_steps(order, w)
-    assert sorted(order) == list(range(h * w)) and steps.count(2) == 1 and set(steps) == {1, 2}
-    diagonal = steps.index(2)
-    a, b = order[diagonal], order[diagonal + 1]
-    assert abs(a // w - b // w) == 1 and abs(a % w - b % w) == 1
-
-
-def connected(cells, w):
-    cells, todo = set(cells), [next(iter(cells))]
-    seen = set(todo)
-    while todo:
-        c = todo.pop()
-        for n in (c - w, c + w, c - 1 if c % w else None, c + 1 if (c + 1) % w else None):
-            if n in cells and n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen == cells
-
-
-@pytest.mark.parametrize('grid', [6, 7, 14, 16])
-def test_fixed_segments_in_hilbert_order_are_connected_regions(grid):
-    vit = DTPViT(DTPConfig(image_size=grid * 4, patch_size=4, width=32, heads=2, pre_layers=0, short_layers=1,
-                           embed_dim=8, boundary='fixed', compression=4, scan='hilbert')).eval()
-    with torch.no_grad():
-        seg = vit(torch.randn(1, 3, grid * 4, grid * 4))[1]['segment_ids'][0]
-    for s in seg.unique().tolist():
-        assert connected((seg == s).nonzero().flatten().tolist(), grid), s
-    if grid % 2:
-        return  # segments of 3 and 4 patches: no 2x2 block structure to expect
-    # most runs of 4 are 2x2 blocks (raster order has none on these grids)
-    blocks = sum(1 for s in seg.unique().tolist()
-                 if len(cells := (seg == s).nonzero().flatten().tolist()) == 4
-                 and max(c // grid for c in cells) - min(c // grid for c in cells) == 1
-                 and max(c % grid for c in cells) - min(c % grid for c in cells) == 1)
-    assert blocks >= 0.5 * seg.unique().numel()
-
-
-@pytest.mark.parametrize('scan', ['raster', 'hilbert'])
-@pytest.mark.parametrize('boundary', ['gumbel', 'fixed'])
-def test_segment_ids_agree_with_the_pooling(scan, boundary, monkeypatch):
-    """Every patch is pooled exactly once, into the segment aux['segment_ids'] (row-major) names,
-    and each pooled token is the mean of that segment's patches."""
-    captured, pool_segments = {}, M.pool_segments
-
-    def spy(x, b, count=None):
-        captured['x'], (captured['pooled'], valid, sizes) = x, pool_segments(x, b, count)
-        return captured['pooled'], valid, sizes
-    monkeypatch.setattr(M, 'pool_segments', spy)
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(boundary=boundary, scan=scan, compression=4)).train()
-    _, aux = vit(torch.randn(4, 3, 32, 32))
-    seg, b = aux['segment_ids'], aux['boundaries']
-    raster_patches = captured['x'][:, vit.raster_order] if scan == 'hilbert' else captured['x']
-    for i in range(4):
-        assert sorted(seg[i].unique().tolist()) == list(range(int(aux['n_segments'][i])))
-        # in scan order, segment ids are the runs cut by the boundaries
-        assert torch.equal(seg[i][vit.scan_order], (b[i].cumsum(0) - b[i]).long())
-        for s in range(int(aux['n_segments'][i])):
-            expected = raster_patches[i][seg[i] == s].mean(0)
-            assert torch.allclose(captured['pooled'][i, s], expected, atol=1e-5)
-
-
-def test_hilbert_scan_leaves_the_plain_vit_unchanged(openclip_b32):
-    d, images, texts, (ref_image, _) = openclip_b32
-    model = load_openclip('ViT-B-32', str(d / 'raw.pt'), boundary='none', scan='hilbert').eval()
-    with torch.no_grad():
-        image, aux = model.visual(images)
-    assert (image - ref_image).abs().max() <= 1e-5
-    assert torch.equal(aux['segment_ids'], torch.arange(49).expand(3, 49))
-
-
-def test_hilbert_scan_keeps_batch_invariance_determinism_and_the_task_gradient():
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(scan='hilbert', eval_boundaries='threshold'))
-    with torch.no_grad():
-        vit.predictor[-1].bias.zero_()  # thresholds near 0.5: segment counts differ between images
-    images = torch.randn(5, 3, 32, 32)
-    vit.eval()
-    with torch.no_grad():
-        batch, aux = vit(images)
-        again, aux2 = vit(images)
-        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
-    assert len(set(aux['n_segments'].tolist())) > 1
-    assert torch.equal(batch, again) and torch.equal(aux['segment_ids'], aux2['segment_ids'])
-    assert (batch - alone).abs().max() <= 1e-5
-    vit.train()
-    vit(images)[0].square().sum().backward()
-    for name, p in vit.predictor.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-# 8. training as evaluation: Gumbel-top-k samples, a position prior ----------------------------
-
-def test_gumbel_topk_samples_exactly_k_boundaries_with_a_gradient():
-    torch.manual_seed(0)
-    logits = torch.randn(64, 36, requires_grad=True)
-    b = M.gumbel_topk(logits, 9, temperature=0.5)
-    assert (b.sum(1) == 9).all() and (b[:, -1] == 1).all() and torch.equal(b, b.round())
-    (b * torch.randn(36)).sum().backward()
-    assert logits.grad.abs().sum() > 0
-    # sampled, not the deterministic top-k: different draws, favouring the larger logits
-    logits = torch.linspace(-3, 3, 36).expand(4000, 36)
-    draws = M.gumbel_topk(logits, 9, 0.5)
-    assert len({tuple(d.tolist()) for d in draws[:20]}) > 1
-    freq = draws[:, :-1].mean(0)
-    assert freq[-10:].mean() > 3 * freq[:10].mean()
-
-
-def test_topk_training_keeps_evaluations_count_and_the_task_gradient():
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(train_boundaries='topk', compression=4)).train()
-    features, aux = vit(torch.randn(4, 3, 32, 32))
-    assert aux['n_segments'].tolist() == [16] * 4  # round(64 / 4), as top-k evaluation
-    features.square().sum().backward()
-    for name, p in vit.predictor.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-def test_position_prior_starts_as_fixed_pooling_and_learns():
-    torch.manual_seed(0)
-    images = torch.randn(4, 3, 32, 32)
-    fixed = DTPViT(tiny(boundary='fixed', compression=4)).eval()
-    vit = DTPViT(tiny(train_boundaries='topk', position_prior=2.0, compression=4)).eval()
-    with torch.no_grad():
-        assert torch.equal(vit(images)[1]['segment_ids'], fixed(images)[1]['segment_ids'])
-    vit.train()
-    features, aux = vit(images)
-    features.square().sum().backward()
-    assert vit.predictor.position_bias.grad.abs().sum() > 0
-    assert 'predictor.position_bias' in dict(vit.named_parameters())  # new weights, like the predictor's
-
-
-
-@pytest.mark.parametrize('scan, pairs', [('raster', False), ('hilbert', False), ('raster', True)])
-def test_color_prior_starts_as_the_color_rule_and_learns(scan, pairs):
-    """color_prior: the predictor starts with the 'color' rule's cuts (same top-k, any scan order, reading one
-    patch or pairs, as config/shapes_pairscolor10x.py), and both REINFORCE and the straight-through gradient
-    reach the gain that weighs the colour changes."""
-    torch.manual_seed(0)
-    images = torch.randn(4, 3, 32, 32)
-    color = DTPViT(tiny(boundary='color', compression=4, scan=scan)).eval()
-    vit = DTPViT(tiny(train_boundaries='reinforce', color_prior=4.0, compression=4, scan=scan,
-                      predictor_pairs=pairs)).eval()
-    with torch.no_grad():
-        assert torch.equal(vit(images)[1]['segment_ids'], color(images)[1]['segment_ids'])
-        assert not torch.equal(vit(images)[1]['segment_ids'], DTPViT(tiny(boundary='fixed'))(images)[1]['segment_ids'])
-    features, aux = vit.train()(images)
-    reinforce_loss(features.square().sum(1), aux['boundary_log_prob']).backward()
-    assert vit.predictor.color_gain.grad.abs() > 0
-    assert 'predictor.color_gain' in dict(vit.named_parameters())  # the router's lr, not the backbone's
-    topk = DTPViT(tiny(train_boundaries='topk', color_prior=4.0, compression=4, scan=scan,
-                       predictor_pairs=pairs)).train()
-    topk(images)[0].square().sum().backward()
-    assert topk.predictor.color_gain.grad.abs() > 0
-
-
-@pytest.mark.parametrize('settings, message', [(dict(color_prior=-1.0), 'must be >= 0'),
-                                               (dict(color_prior=2.0, boundary='fixed'), "needs boundary='gumbel'"),
-                                               (dict(predictor_pairs=True, boundary='color'), "needs boundary='gumbel'")])
-def test_color_prior_refuses_what_it_cannot_do(settings, message):
-    with pytest.raises(ValueError, match=message):
-        DTPConfig(**settings)
-
-# REINFORCE (train_boundaries='reinforce') ----------------------------------------------------------
-
-def test_reinforce_draws_are_plackett_luce_and_their_log_probability_is_exact():
-    """One patch drawn (k = 2, the last patch being the other boundary): the draw's log-probability is the
-    log-softmax of logits / noise at the drawn patch, and draws come at those frequencies."""
-    torch.manual_seed(0)
-    logits = torch.tensor([1.0, -0.5, 0.3, 2.0, 0.0]).expand(40000, 5)
-    for noise in (1.0, 0.5):
-        hard, log_prob = M.sampled_topk(logits, 2, noise)
-        assert hard.sum(1).eq(2).all() and hard[:, -1].eq(1).all()
-        drawn = hard[:, :-1].argmax(1)
-        expected = torch.log_softmax(logits[:, :-1] / noise, 1).gather(1, drawn[:, None]).squeeze(1)
-        assert torch.allclose(log_prob, expected, atol=1e-6)
-        frequency = torch.bincount(drawn, minlength=4) / len(drawn)
-        assert torch.allclose(frequency, torch.softmax(logits[0, :-1] / noise, 0), atol=0.01)
-
-
-def test_reinforce_learns_to_draw_the_rewarded_boundary():
-    """REINFORCE on bare logits, 3 patches drawn of 15 (ordered draws): a loss of 0 for the draws that
-    cut after patch 5 and 1 for the others makes that cut nearly certain (1 in 5 at first)."""
-    torch.manual_seed(0)
-    logits = torch.zeros(16, requires_grad=True)
-    optimizer = torch.optim.SGD([logits], lr=0.5)
-    for _ in range(200):
-        hard, log_prob = M.sampled_topk(logits.expand(64, 16), 4)
-        optimizer.zero_grad()
-        reinforce_loss(1 - hard[:, 5], log_prob).backward()
-        optimizer.step()
-    hard, _ = M.sampled_topk(logits.detach().expand(2000, 16), 4)
-    assert hard[:, 5].mean() > 0.95 and hard.sum(1).eq(4).all()
-
-
-def test_reinforce_trains_the_predictor_alone_from_the_task_loss():
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(train_boundaries='reinforce', position_prior=2.0, compression=4))
-    fixed = DTPViT(tiny(boundary='fixed', compression=4)).eval()
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():  # it starts exactly at its prior, fixed pooling, and evaluates deterministically
-        assert torch.equal(vit.eval()(images)[1]['segment_ids'], fixed(images)[1]['segment_ids'])
-        assert torch.equal(vit(images)[0], vit(images)[0])
-    features, aux = vit.train()(images)
-    assert aux['n_segments'].tolist() == [16] * 4 and aux['boundary_log_prob'].shape == (4,)
-    task = features.square().sum(1)  # each image's own task loss
-    # The task loss itself sends the predictor nothing (hard samples, detached input) ...
-    task.sum().backward(retain_graph=True)
-    assert all(p.grad is None or not p.grad.any() for p in vit.predictor.parameters())
-    backbone = {n: p.grad.clone() for n, p in vit.named_parameters() if 'predictor' not in n}
-    assert backbone['conv1.weight'].any()
-    # ... REINFORCE on it does, and to the predictor alone.
-    reinforce_loss(task, aux['boundary_log_prob']).backward()
-    assert vit.predictor.position_bias.grad.any() and vit.predictor[-1].weight.grad.any()
-    assert all(torch.equal(p.grad, backbone[n]) for n, p in vit.named_parameters() if 'predictor' not in n)
-
-
-DEMO_ROUTER = dict(reinforce_baseline='greedy', train_on_greedy=True, min_segment=2, color_prior=4.0,
-                   predictor_pairs=True)  # config/shapes_router4x.py's router
-
-
-@pytest.mark.parametrize('router', [{}, DEMO_ROUTER], ids=['plain', 'demo'])
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_reinforce_in_mixed_precision_is_finite(dtype, router):
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(train_boundaries='reinforce', compression=4, extent_embedding=True, **router)).train()
-    with torch.autocast('cpu', dtype=dtype):
-        features, aux = vit(torch.randn(4, 3, 32, 32))
-        task = features.float().square().sum(1)
-    loss = task.mean() + reinforce_loss(task, aux['boundary_log_prob'])
-    loss.backward()
-    assert torch.isfinite(loss) and vit.predictor[-1].weight.grad.any()
-    assert all(torch.isfinite(p.grad).all() for p in vit.parameters() if p.grad is not None)
-
-
-def twin_routers(differs, **shared):
-    """A REINFORCE tower with the settings `differs` and a twin without them, with the same weights: a router
-    that has moved away from fixed pooling's cuts and depends on the content, and extent embeddings not zero."""
-    torch.manual_seed(0)
-    common = dict(train_boundaries='reinforce', position_prior=2.0, compression=4, extent_embedding=True, **shared)
-    vit, twin = DTPViT(tiny(**common, **differs)), DTPViT(tiny(**common))
-    with torch.no_grad():
-        vit.predictor[-1].weight.normal_()
-        vit.extent_embedding['start'].normal_()
-    twin.load_state_dict(vit.state_dict())
-    return vit, twin
-
-
-def test_the_greedy_baseline_pass_computes_what_evaluation_computes():
-    """reinforce_baseline='greedy': besides the sampled features (with their gradient), training returns
-    the features of the same images with their top-k cuts, which are exactly the eval-mode features, carry
-    no gradient, and leave the sampled pass as it was without the baseline."""
-    vit, plain = twin_routers(dict(reinforce_baseline='greedy'))
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        expected, eval_aux = vit.eval()(images)
-    assert not torch.equal(eval_aux['segment_ids'], DTPViT(tiny(boundary='fixed'))(images)[1]['segment_ids'])
-    torch.manual_seed(1)
-    features, aux = vit.train()(images)
-    torch.manual_seed(1)
-    unbaselined, _ = plain.train()(images)
-    assert torch.allclose(aux['greedy_features'], expected, atol=1e-6) and not aux['greedy_features'].requires_grad
-    assert torch.equal(features, unbaselined) and not torch.allclose(features, expected, atol=1e-3)
-    assert 'greedy_boundaries' not in aux and 'greedy_features' not in vit.eval()(images)[1]
-
-
-def test_train_on_greedy_trains_on_the_eval_cuts_and_only_scores_the_sample():
-    """train_on_greedy: the features that carry the gradient are the eval-mode ones (the top-k cuts), and the
-    sample is the one the default order would have trained on, scored without gradient; its distortion and
-    the greedy cuts' are the default order's too, and REINFORCE on their difference still reaches the router."""
-    vit, default = twin_routers(dict(train_on_greedy=True), reinforce_baseline='greedy')
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        expected, eval_aux = vit.eval()(images)
-    torch.manual_seed(1)
-    features, aux = vit.train()(images)
-    torch.manual_seed(1)
-    sampled, default_aux = default.train()(images)
-    assert torch.allclose(features, expected, atol=1e-6) and features.requires_grad
-    assert torch.equal(aux['boundaries'], eval_aux['boundaries']) and 'sampled_boundaries' not in aux
-    assert torch.allclose(aux['sample_features'], sampled, atol=1e-6) and not aux['sample_features'].requires_grad
-    assert not torch.allclose(aux['sample_features'], features, atol=1e-3)  # the sample moved some cuts
-    assert torch.equal(aux['greedy_features'], features.detach())
-    assert torch.allclose(aux['boundary_log_prob'], default_aux['boundary_log_prob'])
-    for key in ('pooling_distortion', 'greedy_distortion'):
-        assert torch.allclose(aux[key], default_aux[key])
-    task = features.square().sum(1)
-    reward = aux['sample_features'].square().sum(1) - aux['greedy_features'].square().sum(1)
-    (task.mean() + reinforce_loss(reward, aux['boundary_log_prob'])).backward()
-    assert vit.predictor[-1].weight.grad.any() and vit.transformer.resblocks[-1].mlp.c_fc.weight.grad.any()
-
-
-def test_train_on_greedy_needs_the_greedy_baseline():
-    with pytest.raises(ValueError, match="train_on_greedy=True needs reinforce_baseline='greedy'"):
-        DTPConfig(train_boundaries='reinforce', train_on_greedy=True)
-
-
-def test_with_the_greedy_baseline_a_sample_equal_to_the_greedy_cuts_teaches_nothing():
-    """Noise too small to move any boundary: every sample is the greedy cut, its loss the baseline's,
-    so the reward (sampled minus greedy loss) is 0 and REINFORCE sends the predictor no gradient. With
-    the batch-mean baseline the same samples still push (each image's loss against the others')."""
-    torch.manual_seed(0)
-    for baseline, moves in (('greedy', False), ('batch', True)):
-        vit = DTPViT(tiny(train_boundaries='reinforce', position_prior=2.0, compression=4, boundary_noise=1e-4,
-                          reinforce_baseline=baseline)).train()
-        features, aux = vit(torch.randn(4, 3, 32, 32))
-        task = features.square().sum(1)
-        if baseline == 'greedy':
-            assert torch.allclose(task, aux['greedy_features'].square().sum(1))
-            task = task - aux['greedy_features'].square().sum(1)
-        reinforce_loss(task, aux['boundary_log_prob']).backward()
-        assert bool(vit.predictor.position_bias.grad.any()) is moves
-
-
-def test_the_greedy_baseline_needs_reinforce():
-    with pytest.raises(ValueError, match="reinforce_baseline='greedy' needs train_boundaries='reinforce'"):
-        DTPConfig(train_boundaries='topk', reinforce_baseline='greedy')
-
-
-def test_pooling_distortion_is_the_share_of_variance_the_segment_means_lose():
-    torch.manual_seed(0)
-    x, b = torch.randn(3, 12, 5), (torch.rand(3, 12) < 0.3).float()
-    b[:, -1] = 1
-    got = M.pooling_distortion(x, b, M.pool_segments(x, b)[0])
-    for i in range(3):  # by hand: each patch against its segment's mean, over each patch against the image's
-        lost, start = 0.0, 0
-        for end in b[i].nonzero().flatten().tolist():
-            lost, start = lost + (x[i, start:end + 1] - x[i, start:end + 1].mean(0)).square().sum(), end + 1
-        assert torch.allclose(got[i], lost / (x[i] - x[i].mean(0)).square().sum(), atol=1e-6)
-    one = F.pad(torch.zeros(3, 11), (0, 1), value=1.0)  # a single segment: its mean is the image's
-    assert torch.allclose(M.pooling_distortion(x, one, M.pool_segments(x, one)[0]), torch.ones(3))
-    assert M.pooling_distortion(x, torch.ones(3, 12), x).abs().max() < 1e-6  # a patch per segment: nothing lost
-
-
-@pytest.mark.parametrize('reads', [dict(color_prior=0.1), dict(predictor_pairs=True)])
-def test_reinforce_with_the_distortion_cost_learns_where_the_patches_change(reads):
-    """REINFORCE on the pooling distortion alone (distortion_weight's term, against the greedy cuts): in
-    images of three runs of one colour each, the router starts at fixed pooling's evenly spaced cuts and
-    ends cutting where the runs end, with far less lost by the segments' means. It learns to weigh the
-    colour change between patches (color_prior, its gain starting too small to matter) or, reading pairs
-    of neighbouring patches, to see the change in their features."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(train_boundaries='reinforce', reinforce_baseline='greedy', position_prior=2.0, compression=5,
-                      image_size=16, patch_size=4, **reads))  # 16 patches, 3 segments: 2 cuts to place
-
-    def images(n):  # cuts after two random patches of each image, which close its first two runs
-        changes = torch.rand(n, 15).argsort(1)[:, :2]
-        run = (torch.arange(16) > changes[:, :1]).long() + (torch.arange(16) > changes[:, 1:]).long()  # (n, 16)
-        colours = torch.randn(n, 3, 3).gather(2, run[:, None].expand(-1, 3, -1)).view(n, 3, 4, 4)
-        x = colours.repeat_interleave(4, 2).repeat_interleave(4, 3) + 0.05 * torch.randn(n, 3, 16, 16)
-        return x, F.one_hot(changes, 16).sum(1)  # the images and their (n, 16) true cuts
-
-    def greedy(x):
-        with torch.no_grad():
-            _, aux = vit.train()(x)
-            return aux['greedy_distortion'].mean().item()
-
-    x, truth = images(256)
-    start, fixed = greedy(x), DTPViT(tiny(boundary='fixed', compression=5, image_size=16, patch_size=4))
-    assert torch.equal(vit.eval()(x)[1]['boundaries'], fixed(x)[1]['boundaries'])
-    optimizer = torch.optim.Adam(vit.predictor.parameters(), lr=0.05)
-    for _ in range(100):
-        _, aux = vit.train()(images(32)[0])
-        optimizer.zero_grad()
-        reinforce_loss(distortion_cost(aux), aux['boundary_log_prob']).backward()
-        optimizer.step()
-    cuts = vit.eval()(x)[1]['boundaries'][:, :-1]
-    assert (cuts * truth[:, :-1]).sum() > 0.75 * cuts.sum()  # where a colour ends (2 in 15 by chance)
-    assert greedy(x) < 0.65 * start and ('color_prior' not in reads or vit.predictor.color_gain > 1)
-
-
-def test_predictor_pairs_lets_a_boundary_see_the_next_patch():
-    """predictor_pairs: the logit of patch t reads patch t + 1 too (the change between them); the plain
-    predictor's reads patch t alone. The last patch has no next one and reads only itself."""
-    torch.manual_seed(0)
-    patches = torch.randn(2, 64, 32)
-    for pairs in (False, True):
-        vit = DTPViT(tiny(predictor_pairs=pairs)).eval()
-        jacobian = torch.autograd.functional.jacobian(lambda p: vit.predict_boundaries(p)[1], patches[:1])[0, :, 0]
-        reads = jacobian.abs().sum(-1) > 0  # (64 logits, 64 patches): does logit t depend on patch j
-        expected = torch.eye(64, dtype=torch.bool) | (torch.ones(63).diag(1).bool() & pairs)
-        assert torch.equal(reads, expected)
-
-
-def test_the_pooling_distortion_is_reported_where_reinforce_can_use_it():
-    torch.manual_seed(0)
-    images = torch.randn(4, 3, 32, 32)
-    vit = DTPViT(tiny(train_boundaries='reinforce', reinforce_baseline='greedy', compression=4, boundary_noise=1e-4))
-    with torch.no_grad():
-        vit.predictor[-1].weight.normal_()  # distinct logits: the tiny noise moves no cut
-        _, aux = vit.train()(images)
-        assert aux['pooling_distortion'].shape == (4,) and aux['pooling_distortion'].gt(0).all()
-        assert torch.allclose(aux['pooling_distortion'], aux['greedy_distortion'])  # the same cuts
-        assert 'pooling_distortion' not in vit.eval()(images)[1]
-        assert 'pooling_distortion' not in DTPViT(tiny(train_boundaries='topk')).train()(images)[1]
-
-
-def test_reinforce_needs_noise():
-    with pytest.raises(ValueError, match="reinforce' needs boundary_noise > 0"):
-        DTPConfig(train_boundaries='reinforce', boundary_noise=0.0)
-
+# 8. errors --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('temperature', [0.0, -0.5])
 def test_temperature_must_be_positive(temperature):
@@ -897,157 +460,9 @@ def test_images_of_the_wrong_size_are_refused(size):
         vit(torch.randn(3, 32, 32))  # a single image without its batch dimension
 
 
-@pytest.mark.parametrize('detach', [False, True])
-def test_detach_predictor_input_keeps_the_predictor_gradient_out_of_the_pre_layers(detach):
-    """The boundary loss reaches the backbone only through the predictor's input: detached, the
-    pre-layers get none of it, while the predictor still learns."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(detach_predictor_input=detach)).train()
-    _, aux = vit(torch.randn(4, 3, 32, 32))
-    aux['boundary_loss'].backward()
-    pre = vit.transformer.resblocks[0].mlp.c_fc.weight.grad
-    assert vit.predictor[1].weight.grad.abs().sum() > 0
-    assert (pre is None or pre.abs().sum() == 0) == detach
-
-
-@pytest.mark.parametrize('train_boundaries', ['bernoulli', 'topk'])
-def test_boundary_noise_zero_trains_on_the_boundaries_evaluation_takes(train_boundaries):
-    """boundary_noise=0: training's boundaries are deterministic and the ones evaluation takes (top-k for
-    'topk', logits > 0 for 'bernoulli'), and the task gradient still reaches the predictor."""
-    torch.manual_seed(0)
-    eval_boundaries = 'topk' if train_boundaries == 'topk' else 'threshold'
-    vit = DTPViT(tiny(train_boundaries=train_boundaries, eval_boundaries=eval_boundaries, boundary_noise=0.0))
-    with torch.no_grad():
-        vit.predictor[-1].bias.zero_()  # logits on both sides of 0
-    images = torch.randn(4, 3, 32, 32)
-    vit.train()
-    features, aux = vit(images)
-    assert torch.equal(aux['boundaries'], vit(images)[1]['boundaries'])
-    with torch.no_grad():
-        assert torch.equal(aux['boundaries'], vit.eval()(images)[1]['boundaries'])
-    features.square().sum().backward()
-    for name, p in vit.predictor.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-    with pytest.raises(ValueError, match=r'DTPConfig\.boundary_noise=-1.0: must be >= 0'):
-        DTPConfig(boundary_noise=-1.0)
-
-
-def test_size_bias_weighs_a_key_as_that_many_copies():
-    """Attention with + log(s) on a key's logit equals attention over s copies of that key."""
-    torch.manual_seed(0)
-    attn = M.Attention(8, 2)
-    a, b = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
-    bias = torch.log(torch.tensor([1.0, 3.0]))[None, None, None, :]
-    with torch.no_grad():
-        weighted = attn(torch.cat([a, b], dim=1), attn_bias=bias)
-        copies = attn(torch.cat([a, b, b, b], dim=1))
-    assert torch.allclose(weighted, copies[:, :2], atol=1e-6)
-
-
-def test_size_attention_uses_the_segment_sizes_and_keeps_batch_invariance():
-    """size_attention: the bias is log(patches per segment) ([CLS] 0, padding -inf); an image's
-    features do not depend on its batch-mates; the task loss reaches the predictor; with one segment
-    per patch (all sizes 1) it is the model without it."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(size_attention=True, eval_boundaries='threshold')).eval()
-    with torch.no_grad():
-        vit.predictor[-1].bias.zero_()  # segment counts differ from image to image
-        images = torch.randn(5, 3, 32, 32)
-        batch, aux = vit(images)
-        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(5)])
-        assert len(set(aux['n_segments'].tolist())) > 1
-        assert (batch - alone).abs().max() <= 1e-5
-        sizes = aux['segment_sizes']
-        counts = torch.stack([torch.bincount(ids, minlength=sizes.shape[1]) for ids in aux['segment_ids']])
-        assert torch.equal(sizes, counts.float())  # patches per segment, 0 at the padding
-        every_patch = torch.ones(5, 64)
-        plain = DTPViT(tiny(eval_boundaries='threshold')).eval()
-        plain.load_state_dict(vit.state_dict())
-        assert torch.allclose(vit(images, every_patch)[0], plain(images, every_patch)[0], atol=1e-5)
-        assert not torch.allclose(vit(images)[0], plain(images)[0], atol=1e-3)
-    vit.train()
-    features, _ = vit(images)
-    features.square().sum().backward()
-    for name, p in vit.predictor.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
-
-
-def test_cosine_router_cuts_where_the_tokens_change_without_training():
-    """boundary='cosine' has no weights: at initialisation it already closes segments where a token
-    sequence changes (4 runs of 16 equal tokens, plus noise: boundaries after patches 15, 31, 47, 63),
-    in any image of the batch, deterministically, in training as in evaluation."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(boundary='cosine', compression=16))  # 64 patches -> 4 segments
-    assert not any('predictor' in k for k in vit.state_dict())
-    runs = torch.randn(2, 4, 1, 32).expand(2, 4, 16, 32).reshape(2, 64, 32)
-    patches = runs + 0.05 * torch.randn(2, 64, 32)
-    for mode in (vit.train(), vit.eval()):
-        b, logits, _ = mode.predict_boundaries(patches)
-        assert logits is None
-        assert [row.nonzero().flatten().tolist() for row in b] == [[15, 31, 47, 63]] * 2
-    images = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        f, aux = vit(images)
-        assert aux['n_segments'].tolist() == [4] * 4
-        assert torch.allclose(f, torch.cat([vit(images[i:i + 1])[0] for i in range(4)]), atol=1e-5)
-
-
-def test_color_router_cuts_where_the_colour_changes_without_training():
-    """boundary='color' has no weights and reads the pixels: four bands of two patch rows in four
-    colours (plus noise) are cut at the band edges, after patches 15, 31, 47 and 63 of the raster scan,
-    in training as in evaluation, whatever the tower's weights; features stay batch-invariant."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(boundary='color', compression=16))  # 64 patches of 4x4 px -> 4 segments
-    assert not any('predictor' in k for k in vit.state_dict())
-    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [0.2, 0.2, 0.2]])
-    bands = colours.repeat_interleave(8, dim=0)  # (32 pixel rows, 3)
-    images = bands.T[None, :, :, None].expand(3, 3, 32, 32) + 0.1 * torch.randn(3, 3, 32, 32)
-    for train in (True, False):
-        _, aux = vit.train(train)(images)
-        assert [row.nonzero().flatten().tolist() for row in aux['boundaries']] == [[15, 31, 47, 63]] * 3
-        assert aux['segment_ids'].view(3, 8, 8)[:, :, 0].tolist() == [[0, 0, 1, 1, 2, 2, 3, 3]] * 3
-    _, other = DTPViT(tiny(boundary='color', compression=16)).eval()(images)  # other weights, same cuts
-    assert torch.equal(other['boundaries'], aux['boundaries'])
-    mixed = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        f, _ = vit.eval()(mixed)
-        assert torch.allclose(f, torch.cat([vit(mixed[i:i + 1])[0] for i in range(4)]), atol=1e-5)
-
-
-def test_extent_embedding_marks_each_segments_first_and_last_patch():
-    """With extent_embedding each pooled token gets start[first patch] + end[last patch] added: zero at
-    initialisation (the same features as without it), then learned from the task loss alone, at the
-    rows of the patches that start and end segments and nowhere else."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(boundary='fixed', compression=16, extent_embedding=True))  # segments 0-15, ..., 48-63
-    plain = DTPViT(tiny(boundary='fixed', compression=16))
-    plain.load_state_dict({k: v for k, v in vit.state_dict().items() if 'extent' not in k})
-    images = torch.randn(2, 3, 32, 32)
-    assert torch.equal(vit(images)[0], plain(images)[0])
-    vit(images)[0].square().sum().backward()
-    for name, rows in (('start', [0, 16, 32, 48]), ('end', [15, 31, 47, 63])):
-        grad = vit.extent_embedding[name].grad
-        assert grad.abs().sum(dim=1).nonzero().flatten().tolist() == rows, name
-    with torch.no_grad():  # embeddings that spell out their own row: the token names its extent
-        vit.extent_embedding['start'][:, 0] = torch.arange(64.0)
-        vit.extent_embedding['end'][:, 1] = 100 + torch.arange(64.0)
-    b = torch.zeros(2, 64)
-    b[0, [2, 9, 63]] = 1      # segments 0-2, 3-9, 10-63
-    b[1, [0, 40, 62, 63]] = 1  # segments 0-0, 1-40, 41-62, 63-63
-    extent = vit.extent(b, 4)[..., :2]
-    assert extent[0].tolist() == [[0, 102], [3, 109], [10, 163], [0, 0]]  # the padding segment stays zero
-    assert extent[1].tolist() == [[0, 100], [1, 140], [41, 162], [63, 163]]
-
-
-@pytest.mark.parametrize('boundary,train_boundaries,training', [
-    ('gumbel', 'bernoulli', False), ('gumbel', 'topk', True), ('gumbel', 'reinforce', True),
-    ('fixed', 'bernoulli', True), ('color', 'bernoulli', False), ('cosine', 'bernoulli', True)])
-def test_exact_segment_counts_need_no_host_sync(boundary, train_boundaries, training, monkeypatch):
+def check_exact_counts_need_no_host_sync(m, monkeypatch):
     """Where every image gets exactly n_segments (top-k, evenly spaced), pooling does not read the count
     back from the device (on a GPU such a read stalls the host) and computes what the reading path computes."""
-    torch.manual_seed(0)
-    m = DTPViT(tiny(boundary=boundary, train_boundaries=train_boundaries, compression=5.0,
-                    position_prior=2.0 if train_boundaries == 'reinforce' else 0.0)).train(training)
     images = torch.randn(3, 3, 32, 32)
     reads = []
     real_tolist = torch.Tensor.tolist
@@ -1065,76 +480,7 @@ def test_exact_segment_counts_need_no_host_sync(boundary, train_boundaries, trai
         M.pool_segments(torch.randn(3, 64, 8), aux['boundaries'], count=m.cfg.n_segments + 1)
 
 
-@pytest.mark.parametrize('n, k, m', [(36, 9, 2), (49, 12, 2), (36, 4, 4), (64, 16, 2), (16, 4, 2)])
-def test_min_segment_cuts_keep_every_segment_that_long(n, k, m):
-    """min_segment: k boundaries, every segment at least m patches, in the draws and in the cuts evaluation takes;
-    those are the largest logits allowed, one after another, and with m = 1 exactly top-k."""
+@pytest.mark.parametrize('boundary, training', [('gumbel', False), ('fixed', True), ('fixed', False)])
+def test_exact_segment_counts_need_no_host_sync(boundary, training, monkeypatch):
     torch.manual_seed(0)
-    logits = torch.randn(200, n)
-    for noise in (None, 1.0, 2.0):
-        b, _ = M.spaced_cuts(logits, k, m, noise)
-        sizes = torch.stack([torch.bincount(ids, minlength=k) for ids in M.segment_ids(b).long()])
-        assert b.sum(1).eq(k).all() and b[:, -1].eq(1).all() and sizes.min() >= m
-    assert torch.equal(M.spaced_cuts(logits, k, 1)[0], M.topk_boundaries(logits, k))
-    best = M.spaced_cuts(logits, k, m)[0]
-    first = logits[:, m - 1:n - m].argmax(1) + m - 1  # the first cut: the largest logit a cut may take
-    assert best[torch.arange(200), first].eq(1).all()
-
-
-def test_min_segment_draws_and_their_log_probability_are_exact():
-    """One cut drawn in 8 patches with segments of at least 2: it is drawn among patches 1-5 with the probability
-    softmax(logits / noise) over them, and its log-probability is that log-softmax. With 3 segments both cuts keep
-    2 patches apart, and the log-probability's gradient reaches only the logits the draws chose among."""
-    torch.manual_seed(0)
-    logits = torch.tensor([0.5, 1.0, -0.5, 0.3, 2.0, 0.0, 0.7, -1.0])
-    for noise in (1.0, 2.0):
-        hard, log_prob = M.spaced_cuts(logits.expand(40000, 8), 2, 2, noise)
-        drawn = hard[:, :-1].argmax(1)
-        expected = torch.log_softmax(logits[1:6] / noise, 0)
-        assert drawn.ge(1).all() and drawn.le(5).all()
-        assert torch.allclose(log_prob, expected[drawn - 1], atol=1e-6)
-        frequency = torch.bincount(drawn - 1, minlength=5) / len(drawn)
-        assert torch.allclose(frequency, expected.exp(), atol=0.01)
-    hard, _ = M.spaced_cuts(logits.expand(1000, 8), 3, 2, 2.0)
-    cuts = hard[:, :-1].nonzero()[:, 1].view(-1, 2)
-    assert (cuts[:, 1] - cuts[:, 0]).ge(2).all()
-    leaf = logits.clone().requires_grad_(True)
-    M.spaced_cuts(leaf.expand(64, 8), 3, 2, noise=2.0)[1].sum().backward()
-    assert torch.isfinite(leaf.grad).all() and leaf.grad[1:6].ne(0).all() and leaf.grad[[0, 6, 7]].eq(0).all()
-
-
-def test_min_segment_refuses_what_it_cannot_keep():
-    with pytest.raises(ValueError, match="min_segment=2 needs boundary='gumbel' and train_boundaries='reinforce'"):
-        DTPConfig(min_segment=2)
-    with pytest.raises(ValueError, match="needs eval_boundaries='topk'"):
-        DTPConfig(train_boundaries='reinforce', min_segment=2, eval_boundaries='threshold')
-    with pytest.raises(ValueError, match='must be >= 1'):
-        DTPConfig(train_boundaries='reinforce', min_segment=0)
-    with pytest.raises(ValueError, match='cannot all be sure to get 3'):  # 16 segments of 3 in 49 patches
-        DTPConfig(train_boundaries='reinforce', min_segment=3, compression=3)
-    DTPConfig(train_boundaries='reinforce', min_segment=2, compression=4)  # ViT-B-32 at 4x: 12 segments of 49
-
-
-def test_min_segment_in_the_model_takes_its_cuts_everywhere():
-    """With min_segment the cuts evaluation takes, and with train_on_greedy the ones training takes, are
-    spaced_cuts' most probable ones (not top-k's), and the sampled ones keep every segment that long too."""
-    torch.manual_seed(0)
-    vit = DTPViT(tiny(train_boundaries='reinforce', reinforce_baseline='greedy', train_on_greedy=True, min_segment=2,
-                      compression=4))
-    with torch.no_grad():
-        vit.predictor[-1].weight.normal_()
-    images = torch.randn(6, 3, 32, 32)
-    with torch.no_grad():
-        _, eval_aux = vit.eval()(images)
-        _, train_aux = vit.train()(images)
-    logits = eval_aux['boundary_logits']
-    assert torch.equal(eval_aux['boundaries'], M.spaced_cuts(logits, 16, 2)[0])
-    assert not torch.equal(eval_aux['boundaries'], M.topk_boundaries(logits, 16))
-    assert torch.equal(train_aux['boundaries'], eval_aux['boundaries'])
-    for aux in (eval_aux, train_aux):
-        assert aux['segment_sizes'].min() >= 2 and aux['n_segments'].eq(16).all()
-    plain = DTPViT(tiny(train_boundaries='reinforce', min_segment=2, compression=4))
-    plain.load_state_dict(vit.state_dict())
-    with torch.no_grad():
-        _, sampled_aux = plain.train()(images)
-    assert sampled_aux['segment_sizes'].min() >= 2 and torch.isfinite(sampled_aux['boundary_log_prob']).all()
+    check_exact_counts_need_no_host_sync(DTPViT(tiny(boundary=boundary, compression=5.0)).train(training), monkeypatch)

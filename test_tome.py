@@ -189,3 +189,40 @@ def test_runs_on_an_openclip_checkpoint(tmp_path):
         assert (tome.tome_forward(vit, x, 0)[0] - expected).abs().max() <= 1e-5
         merged, aux = tome.tome_forward(vit, x, 1)
     assert aux['n_segments'].tolist() == [1, 1] and not torch.allclose(merged, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize('tome_r, tome_cost, boundary, message', [
+    (2, 0.0, 'gumbel', r"^config error: tome_r / tome_cost: ToMe merges the plain ViT's tokens; set boundary='none' "
+                       r"\(got boundary='gumbel'\)$"),
+    (0, 0.5, 'fixed', r"set boundary='none' \(got boundary='fixed'\)$"),
+    (0, 0.5, 'router', r"set boundary='none' \(got boundary='router'\)$"),
+    (2, 0.5, 'none', r"^config error: tome_r=2 and tome_cost=0.5: set one of them, not both$"),
+    (-1, 0.0, 'none', r"^config error: tome_r=-1, tome_cost=0.0: expected tome_r >= 0"),
+    (0, 1.5, 'none', r"^config error: tome_r=0, tome_cost=1.5: expected .*0 < tome_cost <= 1"),
+    (0, -0.5, 'none', r"tome_cost=-0.5: expected"),
+])
+def test_check_settings_names_the_one_problem(tome_r, tome_cost, boundary, message):
+    """The training scripts' ToMe settings: one line per problem (one message for all of them used to tell a
+    plain run that it "needs boundary='none' (got 'none')")."""
+    with pytest.raises(SystemExit, match=message) as e:
+        tome.check_settings(tome_r, tome_cost, boundary)
+    assert '\n' not in str(e.value) and "(got 'none')" not in str(e.value)
+
+
+@pytest.mark.parametrize('tome_r, tome_cost', [(2, 0.0), (0, 0.5), (0, 1.0), ([1, 2, 3], 0.0)])
+def test_check_settings_accepts_what_applies(tome_r, tome_cost):
+    tome.check_settings(tome_r, tome_cost, 'none')
+
+
+def test_applied_is_what_each_block_really_merges():
+    """r saturates at (L - 1) // 2 per block: 1 + 16 tokens, r = 1000 on 2 blocks merges 8 (17 -> 9), then 4
+    (9 -> 5); 1 + 64 tokens on 3 blocks: 32, 16, 8. A schedule within the limits is applied as it is."""
+    assert tome.applied(17, 1000, 2) == [8, 4]
+    assert tome.applied(65, 1000, 3) == [32, 16, 8]
+    assert tome.applied(65, [2, 0, 5], 3) == [2, 0, 5]
+    assert tome.applied(17, [0, 9], 2) == [0, 8]
+    vit = tiny_vit()  # and it is what the patched forward leaves: 64 - 32 - 16 - 8 = 8 patch tokens
+    with torch.no_grad():
+        assert tome.tome_forward(vit, images(1), 1000)[1]['n_segments'].item() == 64 - sum(tome.applied(65, 1000, 3))
+    with pytest.raises(ValueError, match='one per block'):
+        tome.applied(17, [1, 2, 3], 2)

@@ -93,12 +93,17 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
 
 
 def test_router_lr_scale_gives_the_predictor_groups_of_its_own():
-    from model import CLIP, DTPConfig
+    """routers.py's learned router: the scripts pass its cfg.lr_scale, and its predictor (colour gain included)
+    trains at lr x lr_scale in groups of its own; everything else, extent embeddings included, at lr."""
+    import routers
+    from model import load_openclip
     from train_utils import set_lr
-    model = CLIP(DTPConfig(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1, short_layers=1,
-                           embed_dim=16, position_prior=2.0), dict(context_length=8, width=32, heads=2, layers=1))
+    model = load_openclip('ViT-B-32', tower=routers.RouterViT, boundary='router', image_size=32, patch_size=8,
+                          width=32, heads=2, pre_layers=1, short_layers=1, embed_dim=16,
+                          text=dict(context_length=8, width=32, heads=2, layers=1))
+    assert model.visual.cfg.lr_scale == 10.0  # RouterConfig's default
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model.named_parameters(), 0.1, router_lr_scale=10.0)
+    groups = param_groups(model.named_parameters(), 0.1, model.visual.cfg.lr_scale)
     optimizer = torch.optim.AdamW(groups)
     set_lr(optimizer, 1e-3)
     router = {names[id(p)]: (g['lr'], g['weight_decay']) for g in optimizer.param_groups for p in g['params']
@@ -106,10 +111,23 @@ def test_router_lr_scale_gives_the_predictor_groups_of_its_own():
     assert router == {'visual.predictor.0.weight': (1e-2, 0.0), 'visual.predictor.0.bias': (1e-2, 0.0),
                       'visual.predictor.1.weight': (1e-2, 0.1), 'visual.predictor.1.bias': (1e-2, 0.0),
                       'visual.predictor.3.weight': (1e-2, 0.1), 'visual.predictor.3.bias': (1e-2, 0.0),
-                      'visual.predictor.position_bias': (1e-2, 0.0)}
+                      'visual.predictor.color_gain': (1e-2, 0.0)}
+    assert model.visual.predictor[1].in_features == 2 * 32  # the router reads each patch and its change to the next
+    extent = {names[id(p)]: (g['lr'], g['weight_decay']) for g in optimizer.param_groups for p in g['params']
+              if 'extent_embedding' in names[id(p)]}
+    assert extent == {'visual.extent_embedding.start': (1e-3, 0.0), 'visual.extent_embedding.end': (1e-3, 0.0)}
     assert all(g['lr'] == 1e-3 for g in optimizer.param_groups[:2])  # everything else, as without the scale
     assert sum(len(g['params']) for g in groups) == len(names)
     assert len(param_groups(model.named_parameters(), 0.1)) == 2  # scale 1: the two groups as before
+
+
+def test_tower_class_follows_the_boundary_rule():
+    import model
+    import routers
+    assert all(train_utils.tower_class(b) is routers.RouterViT for b in ('router', 'color', 'cosine'))
+    assert all(train_utils.tower_class(b) is model.DTPViT for b in ('gumbel', 'fixed', 'none'))
+    # the settings refused with the rules that learn nothing (test_settings_that_do_not_apply_are_refused)
+    assert set(routers.LEARNED_ONLY) == {'min_segment', 'color_prior', 'noise', 'distortion_weight', 'lr_scale'}
 
 
 def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
@@ -255,11 +273,19 @@ SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layer
     (dict(ckpt_interval=0), r'ckpt_interval=0: must be >= 1'),
     (dict(epochs=0, max_steps=0), r'epochs=0 and max_steps=0: nothing to train'),
     (dict(grad_clip=-1.0), r'grad_clip=-1.0: must be >= 0 \(0: off\)'),  # negative: gradient ascent, silently
-    (dict(router_lr_scale=-1.0), r'router_lr_scale=-1.0: must be >= 0'),
-    (dict(distortion_weight=-1.0), r'distortion_weight=-1.0: must be >= 0'),
-    (dict(distortion_weight=1.0), r"distortion_weight=1.0 needs train_boundaries='reinforce'"),
-    (dict(reinforce_baseline='mean'), r"reinforce_baseline='mean': expected one of \('batch', 'greedy'\)"),
-    (dict(reinforce_baseline='greedy'), r"reinforce_baseline='greedy' needs train_boundaries='reinforce'"),
+    (dict(boundary='router', router={'lr_scale': -1.0}), r"router\['lr_scale'\]=-1.0: must be > 0"),
+    (dict(boundary='router', router={'noise': 0.0}), r"router\['noise'\]=0.0: must be > 0"),
+    (dict(boundary='router', router={'distortion_weight': -1.0}), r"router\['distortion_weight'\]=-1.0: must be >= 0"),
+    (dict(boundary='router', router={'color_prior': -1.0}), r"router\['color_prior'\]=-1.0: must be >= 0"),
+    (dict(boundary='router', router={'min_segment': 0}), r"router\['min_segment'\]=0: must be >= 1"),
+    (dict(boundary='router', router={'min_segment': 2.0}), r"router\['min_segment'\]=2.0 is a float, expected a int"),
+    (dict(boundary='router', router={'nosie': 3.0}), r"router\['nosie'\]: no such routers.RouterConfig setting; "
+                                                     r"did you mean 'noise'"),
+    (dict(boundary='router', router={'compression': 8.0}), r"router\['compression'\]: compression is a setting of "
+                                                           r"its own; set it as --compression="),
+    (dict(boundary='router', router={'width': 64}), r"router\['width'\]: no such routers.RouterConfig setting"),
+    (dict(boundary='router', router=2), r'router=2: expected a dict of overrides or None'),
+    (dict(boundary='rooter'), r"boundary='rooter': expected one of"),
     (dict(workers=-1), r'workers=-1: must be >= 0'),
     (dict(label_smoothing=1.5), r'label_smoothing=1.5: must be between 0 and 1'),
     (dict(imagenet_val=5), r'imagenet_val=5: expected the path'),
@@ -270,6 +296,75 @@ def test_settings_that_would_fail_later_are_refused_up_front(change, message):
     check_settings(SETTINGS)  # the defaults pass
     with pytest.raises(SystemExit, match=r'config error: ' + message):
         check_settings(dict(SETTINGS, **change))
+
+
+@pytest.mark.parametrize('change, message', [
+    # a router dict with model.py's rules, which have none of its settings
+    *[(dict(boundary=b, router={'min_segment': 2}), rf"router=\{{'min_segment': 2\}} applies to routers.py's rules; "
+       rf".*\(got boundary='{b}'\)") for b in ('gumbel', 'fixed', 'none')],
+    (dict(boundary='none', router={'size_attention': True}), r"router=\{'size_attention': True\} applies to routers"),
+    # the learned router's settings with the rules that learn nothing
+    *[(dict(boundary=b, router={key: value}), rf"router\['{key}'\] applies to boundary='router' only "
+       rf"\(boundary='{b}' has no weights\)")
+      for b in ('color', 'cosine') for key, value in (('min_segment', 2), ('color_prior', 4.0), ('noise', 3.0),
+                                                      ('distortion_weight', 3.0), ('lr_scale', 10.0))],
+    # threshold evaluation: routers.py's rules always cut the k best places
+    *[(dict(boundary=b, eval_boundaries='threshold'), r"eval_boundaries='threshold'")
+      for b in ('router', 'color', 'cosine')],
+], ids=lambda v: ','.join(f'{k}={v}' for k, v in v.items()).replace(' ', '') if isinstance(v, dict) else 'message')
+def test_settings_that_do_not_apply_are_refused(change, message):
+    """Each refused in one line naming the setting, instead of being silently ignored by the tower built."""
+    with pytest.raises(SystemExit, match=r'^config error: ' + message) as e:
+        check_settings(dict(SETTINGS, **change))
+    assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('router', [None, {'size_attention': True}])
+@pytest.mark.parametrize('boundary', ['router', 'color', 'cosine'])
+def test_routers_settings_that_apply_are_accepted(boundary, router):
+    check_settings(dict(SETTINGS, boundary=boundary, router=router))
+    if boundary == 'router':
+        check_settings(dict(SETTINGS, boundary=boundary, router=dict(min_segment=1, color_prior=0.0, noise=1.0,
+                                                                     distortion_weight=0.0, lr_scale=1.0)))
+
+
+def run_settings(script, *args):
+    """A training script's settings after its config files and --key=value arguments, as a run sees them."""
+    return configure(script_settings(script), [str(HERE / a) if a.endswith('.py') else a for a in args])
+
+
+@pytest.mark.parametrize('script, config', [('train_clip.py', 'config/shapes_tiny.py'),
+                                            ('train_cls.py', 'config/shapes_cls_tiny.py')])
+def test_min_segment_is_judged_on_the_runs_geometry(script, config):
+    """The tiny configs' towers see 32 px in 8 px patches: 16 patches, 4 segments at 4x. min_segment 3 can be
+    guaranteed there (the RouterConfig bound: N - 2 m >= (k - 2)(2 m - 1), 10 >= 10), 4 cannot (8 < 14). The
+    check used to build the config at the architecture's default 224 px (49 patches, 12 segments), where 3
+    already cannot: it refused a setting the run can have, with the wrong numbers."""
+    for m in (1, 2, 3):
+        check_settings(run_settings(script, config, '--boundary=router', f"--router={{'min_segment': {m}}}"))
+    with pytest.raises(SystemExit, match=r"^config error: router\['min_segment'\]=4: 4 segments of 16 patches cannot "
+                                         r'all be sure to get 4 or more') as e:
+        check_settings(run_settings(script, config, '--boundary=router', "--router={'min_segment': 4}"))
+    assert '\n' not in str(e.value)
+    # without the vision overrides the architecture's own geometry is the run's: ViT-B-32 at 224 px, then ViT-B-16
+    with pytest.raises(SystemExit, match=r"min_segment'\]=3: 12 segments of 49 patches"):
+        check_settings(run_settings(script, config, '--vision=None', '--boundary=router',
+                                    "--router={'min_segment': 3}"))
+    check_settings(run_settings(script, config, '--vision=None', '--boundary=router', "--router={'min_segment': 2}"))
+    with pytest.raises(SystemExit, match=r"min_segment'\]=3: 49 segments of 196 patches"):
+        check_settings(run_settings(script, config, '--vision=None', '--arch=ViT-B-16', '--boundary=router',
+                                    "--router={'min_segment': 3}"))
+
+
+def test_short_layers_none_means_the_architectures_depth():
+    """--short_layers=None is accepted (it is documented as the architecture's depth minus pre_layers), and
+    load_openclip gets no short_layers, so it builds that depth; other settings' None is still refused."""
+    config = run_settings('train_clip.py', 'config/shapes_tiny.py', '--short_layers=None')
+    assert config['short_layers'] is None
+    check_settings(config)
+    assert 'short_layers' not in train_utils.new_model_args(config)
+    with pytest.raises(SystemExit, match=r'pre_layers=None: expected a int'):
+        run_settings('train_clip.py', 'config/shapes_tiny.py', '--pre_layers=None')
 
 
 def test_out_dir_that_is_a_file_is_refused(tmp_path):

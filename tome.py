@@ -42,6 +42,24 @@ def clamp_r(r, n_tokens):
     return min(r, (n_tokens - 1) // 2)
 
 
+def check_settings(tome_r, tome_cost, boundary):
+    """The training scripts' ToMe settings, refused with a one-line message when they cannot apply."""
+    if boundary != 'none':
+        raise SystemExit(f"config error: tome_r / tome_cost: ToMe merges the plain ViT's tokens; set boundary='none' "
+                         f"(got boundary={boundary!r})")
+    if tome_r and tome_cost:
+        raise SystemExit(f"config error: tome_r={tome_r} and tome_cost={tome_cost}: set one of them, not both")
+    if (isinstance(tome_r, int) and tome_r < 0) or not 0 <= tome_cost <= 1:
+        raise SystemExit(f"config error: tome_r={tome_r}, tome_cost={tome_cost}: expected tome_r >= 0 (tokens per "
+                         f"block) or 0 < tome_cost <= 1 (a fraction of the plain ViT's MMACs)")
+
+
+def applied(n_tokens, r, depth):
+    """The tokens each of depth blocks really merges with schedule r on n_tokens tokens (see clamp_r)."""
+    counts = token_counts(n_tokens, schedule(r, depth))
+    return [a - b for a, b in zip(counts[:-1], counts[1:])]
+
+
 def token_counts(n_tokens, rs):
     """Tokens entering each block, and the tokens left after the last one, for a schedule rs."""
     counts = [n_tokens]

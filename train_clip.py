@@ -2,8 +2,8 @@
 CLIP-style contrastive training of a DTP-ViT image tower with OpenCLIP's text tower, with
 zero-shot evaluation. Single process or torchrun DDP.
 
-    python train_clip.py config/shapes_router4x.py         # the CPU demo: a small CLIP on built-in shapes data
-    python train_clip.py                                   # the same with the paper's boundary predictor
+    python train_clip.py                                   # the CPU demo: a small DTP-ViT CLIP on built-in shapes data
+    python train_clip.py config/shapes_router4x.py         # the same with routers.py's learned router
     python train_clip.py config/shapes_fixed4x.py --max_steps=200
     torchrun --standalone --nproc_per_node=8 train_clip.py config/cc12m_10x.py
 
@@ -25,17 +25,18 @@ from tqdm import tqdm
 
 import data
 import flops
+import routers
 import tome
 from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         distortion_cost, reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, together,
+                         shapes_data, step_seed, stop_if_not_finite, sync, together,
                          unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
-# defaults: the CPU demo's CLIP with the paper's boundary predictor, on the built-in shapes data at 48 px (~7 minutes
-# on 2 cores); config/shapes_router4x.py adds the learned router (README)
+# defaults: the CPU demo, a small CLIP with the paper's DTP-ViT at 4x, on the built-in shapes data at 48 px (~7 minutes
+# on 2 cores); the CC12M run is config/cc12m_10x.py
 # I/O
 out_dir = 'out/clip-shapes'
 init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag
@@ -54,28 +55,14 @@ vision = dict(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128)  #
 text = dict(width=128, heads=4, layers=2, context_length=32)  # OpenCLIP text_cfg overrides (None: none)
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
-boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' or 'color' (no weights),
-                            # or 'none'
+boundary = 'gumbel'         # 'gumbel' (the paper), 'fixed' or 'none' (plain ViT); routers.py: 'router', 'color', 'cosine'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
-train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'topk' (exactly eval's count) or
-                                # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each pair's loss)
-reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' (the image's own top-k cuts)
-position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
-color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
-predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
-train_on_greedy = False     # True (greedy baseline): train on the top-k cuts; the samples are only scored
-min_segment = 1             # > 1 (REINFORCE): the router's segments hold at least this many patches
-detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
-boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
-size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
-extent_embedding = False    # True: pooled tokens get learned embeddings of their first and last patch
-eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
-pool = 'cls'                # 'cls' or 'mean'
-scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
-tome_r = 0                  # ToMe: tokens merged per block (0: off); needs boundary='none'
-tome_cost = 0.0             # ToMe: > 0 merges by the per-block schedule whose FLOPs are nearest this fraction
-                            # of the plain ViT's (flops.tome_r_for_cost), e.g. DTP's cost at some ratio; replaces tome_r
+eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
+pool = 'cls'                # image embedding: 'cls' token or 'mean' of the segments
+router = None               # routers.py's settings (RouterConfig fields) for its rules, e.g. dict(min_segment=2)
+tome_r = 0                  # ToMe (tome.py) on the plain ViT: tokens merged per block (0: off)
+tome_cost = 0.0             # ToMe: the schedule whose MMACs are nearest this fraction of the plain ViT's (0: off)
 # optimisation
 batch_size = 128            # per GPU
 epochs = 16
@@ -87,9 +74,6 @@ lr_decay_steps = 0          # length of the cosine schedule (0: the total number
 weight_decay = 0.1
 boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
 grad_clip = 1.0             # max gradient norm (0: off)
-router_lr_scale = 1.0       # the boundary predictor's lr, relative to lr
-distortion_weight = 0.0     # REINFORCE: + this x the pooling distortion (share of the pre-layer features' variance
-                            # that the segment means lose) in each image's cost, to pay for homogeneous segments
 precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
 compile = False             # torch.compile the model
 seed = 0
@@ -97,10 +81,8 @@ seed = 0
 config = configure({k: globals()[k] for k in config_keys(globals())})
 check_settings(config)
 globals().update(config)
-if (tome_r or tome_cost) and (tome_r < 0 or not 0 <= tome_cost <= 1 or boundary != 'none' or (tome_r and tome_cost)):
-    raise SystemExit(f"config error: tome_r={tome_r}, tome_cost={tome_cost}: ToMe (tome.py) merges the plain ViT's "
-                     f"tokens, so it needs boundary='none' (got {boundary!r}), and one of tome_r >= 0 or "
-                     f"0 < tome_cost <= 1")
+if tome_r or tome_cost:
+    tome.check_settings(tome_r, tome_cost, boundary)
 
 rank, world_size, device = setup_distributed()
 master = rank == 0
@@ -126,19 +108,23 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 # (the batches skipped to reach its position); ToMe's settings may change only for evaluation (a plain
 # run's model evaluated with ToMe, training-free)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'] + (
-    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost', 'router_lr_scale',
-                          'distortion_weight']),
+    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost']),
     world_size=None if eval_only else world_size)
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
 if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)
-    tome_r = flops.tome_r_for_cost(clip.visual.cfg, tome_cost, per_block=True)
+    try:
+        tome_r = flops.tome_r_for_cost(clip.visual.cfg, tome_cost, per_block=True)
+    except ValueError as e:
+        raise SystemExit(f'config error: {e}')
 if tome_r:  # the ToMe baseline: the image tower's forward, in training and evaluation; its weights stay as they are
     tome.patch(clip.visual, tome_r)
-    if master:
-        print(f'ToMe: r = {tome_r} per block, {flops.tome_gmacs(clip.visual.cfg, tome_r) * 1e3:.2f} MMACs per image '
-              f'(plain ViT {flops.gmacs(clip.visual.cfg) * 1e3:.2f})')
+    if master:  # what runs: a block merges at most (tokens - 1) // 2
+        applied = tome.applied(clip.visual.cfg.n_patches + 1, tome_r, len(clip.visual.transformer.resblocks))
+        print(f'ToMe: {flops.format_r(applied)} tokens merged per block, {flops.tome_gmacs(clip.visual.cfg, applied) * 1e3:.2f} '
+              f'MMACs per image (plain ViT {flops.gmacs(clip.visual.cfg) * 1e3:.2f})')
 clip.to(device)
+vision_cfg = clip.visual.cfg
 tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
 train_transform, val_transform = data.image_transforms(clip.visual.cfg.image_size)
 
@@ -175,8 +161,9 @@ def zero_shot(step):
     result = evaluate(logits_fn, val_loader, device, precision, object_patches, class_groups)
     save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), model.visual, val_loader, device, precision)
     model.train()
-    if model.visual.cfg.color_prior > 0:  # how much the router's logits still weigh colour changes
-        result['color_gain'] = model.visual.predictor.color_gain.item()
+    gain = getattr(getattr(model.visual, 'predictor', None), 'color_gain', None)  # routers.py's learned router
+    if gain is not None:  # how much its logits still weigh colour changes
+        result['color_gain'] = gain.item()
     return dict(step=step, zeroshot_top1=result.pop('top1'), zeroshot_top5=result.pop('top5'),
                 eval_compression=result.pop('compression'), **result)
 
@@ -200,7 +187,7 @@ except ValueError as e:
     raise SystemExit(f'train_data={train_data!r}: {e}; use more shards or samples, or fewer workers or a smaller '
                      f'batch_size')
 total_steps = max_steps or epochs * loader.num_batches
-optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay, router_lr_scale), lr=lr,
+optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay, getattr(vision_cfg, 'lr_scale', 1.0)), lr=lr,
                               betas=(0.9, 0.98), eps=1e-6, fused=True)
 scaler = grad_scaler(precision, device)
 step = 0
@@ -263,17 +250,10 @@ while step < total_steps:
             out = model(images, texts)
             contrastive = loss_fn(out['image_features'], out['text_features'], out['logit_scale'])
             loss = contrastive + boundary_loss_weight * out['boundary_loss']
-            if 'boundary_log_prob' in out:  # REINFORCE: a pair's own loss is the reward of its image's boundaries
-                sample_losses = pair_losses(out)  # of the cuts the gradient pass took
-                other = out.get('sample_features', out.get('greedy_features'))  # the gradient-free pass, if any
-                if other is not None:  # self-critical: the sample's loss less that of the image's own top-k cuts
-                    other = F.normalize(other, dim=-1).to(out['image_features'].dtype)
-                    other = pair_losses(dict(out, image_features=other))
-                    # with train_on_greedy the gradient pass took the top-k cuts and the sample was only scored
-                    sample_losses = other - sample_losses if 'sample_features' in out else sample_losses - other
-                if distortion_weight:
-                    sample_losses = sample_losses + distortion_weight * distortion_cost(out)
-                reinforce = reinforce_loss(sample_losses, out['boundary_log_prob'])
+            if 'boundary_log_prob' in out:  # routers.py's router: REINFORCE, a pair's own loss rewards its image's cuts
+                greedy = F.normalize(out['greedy_features'], dim=-1).to(out['image_features'].dtype)
+                reinforce = routers.reinforce_loss(out, pair_losses(out), pair_losses(dict(out, image_features=greedy)),
+                                                   vision_cfg.distortion_weight)
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, clip.parameters(), grad_clip)
         with torch.no_grad():  # as OpenCLIP: a temperature below 1/100 makes the loss unstable

@@ -26,11 +26,13 @@ from open_clip import zero_shot_metadata
 from tqdm import tqdm
 
 import data
+import model as dtp_vit
+import routers
 from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         distortion_cost, reinforce_loss, shapes_data, step_seed, stop_if_not_finite, sync, unwrap,
+                         shapes_data, step_seed, stop_if_not_finite, sync, unwrap,
                          wrap_model)
 
 # -----------------------------------------------------------------------------------------------
@@ -52,25 +54,12 @@ text = dict(width=128, heads=4, layers=2, context_length=32)  # text_cfg overrid
                             # used to build a zero-shot head, and dropped afterwards
 pre_layers = 2              # full-length blocks before pooling
 short_layers = 4            # blocks after pooling (None: the architecture's depth minus pre_layers)
-boundary = 'gumbel'         # 'gumbel' (learned), 'fixed' (evenly spaced), 'cosine' or 'color' (no weights),
-                            # or 'none'
+boundary = 'gumbel'         # 'gumbel' (the paper), 'fixed' or 'none' (plain ViT); routers.py: 'router', 'color', 'cosine'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
-train_boundaries = 'bernoulli'  # training samples: 'bernoulli' (the paper), 'topk' (exactly eval's count) or
-                                # 'reinforce' (top-k samples, the predictor trained by REINFORCE on each image's loss)
-reinforce_baseline = 'batch'  # REINFORCE's baseline: 'batch' mean, or 'greedy' (the image's own top-k cuts)
-position_prior = 0.0        # > 0: learned per-position boundary bias, starting at fixed pooling's (+-this)
-color_prior = 0.0           # > 0: the colour change between neighbouring patches x a learned gain (this at first) joins the logits
-predictor_pairs = False     # True: the predictor reads each patch with its change to the next (learns where features change)
-train_on_greedy = False     # True (greedy baseline): train on the top-k cuts; the samples are only scored
-min_segment = 1             # > 1 (REINFORCE): the router's segments hold at least this many patches
-detach_predictor_input = False  # True: no predictor gradient into the pre-layers (the backbone learns from the task)
-boundary_noise = 1.0        # scale of the noise in training's boundary samples (0: deterministic, as evaluation)
-size_attention = False      # True: pooled tokens weigh by their size in attention (+ log patches per segment)
-extent_embedding = False    # True: pooled tokens get learned embeddings of their first and last patch
-eval_boundaries = 'topk'    # 'topk' or 'threshold' (see README)
-pool = 'cls'                # 'cls' or 'mean'
-scan = 'raster'             # patch order that segments are runs of: 'raster' or 'hilbert' (2D regions)
+eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
+pool = 'cls'                # image embedding: 'cls' token or 'mean' of the segments
+router = None               # routers.py's settings (RouterConfig fields) for its rules, e.g. dict(min_segment=2)
 head_init = 'auto'          # 'zeroshot', 'random', or 'auto': zeroshot when init_from is a checkpoint, else random
 freeze_backbone = False     # True: train only what is new (the head and the boundary predictor)
 backbone_lr_scale = 0.1     # finetuning: lr multiplier of pretrained weights (a backbone from scratch trains at lr)
@@ -86,9 +75,6 @@ weight_decay = 0.05
 label_smoothing = 0.1
 boundary_loss_weight = 1.0  # weight of the boundary prior (the DTP paper uses 1)
 grad_clip = 1.0             # max gradient norm (0: off)
-router_lr_scale = 1.0       # the boundary predictor's lr, relative to lr
-distortion_weight = 0.0     # REINFORCE: + this x the pooling distortion (share of the pre-layer features' variance
-                            # that the segment means lose) in each image's cost, to pay for homogeneous segments
 precision = 'bf16'          # 'bf16', 'fp16' or 'fp32'; autocast on CUDA only, CPU runs fp32
 compile = False             # torch.compile the model
 seed = 0
@@ -134,8 +120,7 @@ class Classifier(nn.Module):
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
 # resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
-                                                                     'batch_size', 'router_lr_scale',
-                                                                     'distortion_weight'],
+                                                                     'batch_size'],
                                     world_size=None if eval_only else world_size)
 if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
     raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
@@ -171,24 +156,24 @@ train_transform, val_transform = data.image_transforms(net.visual.cfg.image_size
 train_set.transform, val_set.transform = train_transform, val_transform
 torch.manual_seed(seed + rank)  # each rank draws its own Gumbel noise
 
-# The pretrained weights are everything but the head and the boundary predictor, which are new.
-# Frozen: only the new parts train. The predictor's task gradient still flows back through the
+# The pretrained weights are everything but the head and DTP's own modules (the boundary predictor), which
+# are new. Frozen: only the new parts train. The predictor's task gradient still flows back through the
 # pooling and the frozen shortened layers (plus the boundary loss). The backbone stays in train
 # mode, so that the predictor samples boundaries; the ViT has no dropout or batch norm to mind.
 def is_new(name):
-    return name.startswith(('head.', 'visual.predictor.'))
+    return name.startswith('head.') or (name.startswith('visual.') and dtp_vit.is_new(name[len('visual.'):]))
 
 
 if freeze_backbone:
     for name, p in net.named_parameters():
         p.requires_grad_(is_new(name))
 # AdamW groups (weight decay or not) x (new, at lr; or pretrained, at lr * backbone_lr_scale); the
-# boundary predictor, new, at lr * router_lr_scale
+# boundary predictor, new, at lr * its own lr_scale (routers.py)
 groups = []
 for new, lr_scale in [(True, 1.0), (False, backbone_lr_scale if pretrained else 1.0)]:
     named = [(n, p) for n, p in net.named_parameters() if is_new(n) == new]
     groups += [dict(g, lr_scale=g.get('lr_scale', 1.0) * lr_scale)
-               for g in param_groups(named, weight_decay, router_lr_scale) if g['params']]
+               for g in param_groups(named, weight_decay, getattr(net.visual.cfg, 'lr_scale', 1.0)) if g['params']]
 
 val_loader = data.folder_loader(data_root, 'val', val_transform, batch_size, workers=workers) if master else None
 # On shapes the objects' exact masks are known, so validation also measures how well segments follow them.
@@ -200,13 +185,15 @@ def validate():
     """Top-1/top-5 (percent) and compression on the whole val set (rank 0), and a picture of the segments."""
     m = unwrap(net)
     m.eval()
+    before = val_loader.dataset.skipped.value  # a running count; the picture below reads a batch again
     result = evaluate(m, val_loader, device, precision, object_patches,
                       data.SHAPES_GROUPS if data_dir == 'shapes' else None)
+    skipped = val_loader.dataset.skipped.value - before  # unreadable val images this evaluation skipped
     if m.visual.cfg.boundary != 'none':
         save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), m.visual, val_loader, device, precision)
     m.train()
     return dict(val_top1=result.pop('top1'), val_top5=result.pop('top5'), eval_compression=result.pop('compression'),
-                **result)
+                val_skipped=skipped, **result)
 
 
 step = ckpt['step'] if ckpt else 0
@@ -274,19 +261,14 @@ while step < total_steps:
             logits, aux = model(images)
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
-            if 'boundary_log_prob' in aux:  # REINFORCE: an image's own loss is the reward of its boundaries
-                per_image = F.cross_entropy(logits.float().detach(), labels, reduction='none',
-                                            label_smoothing=label_smoothing)  # of the cuts the gradient pass took
-                other = aux.get('sample_features', aux.get('greedy_features'))  # the gradient-free pass, if any
-                if other is not None:  # self-critical: the sample's loss less that of the image's own top-k cuts
-                    with torch.no_grad():
-                        other = unwrap(model).head(F.normalize(other, dim=-1))
-                    other = F.cross_entropy(other.float(), labels, reduction='none', label_smoothing=label_smoothing)
-                    # with train_on_greedy the gradient pass took the top-k cuts and the sample was only scored
-                    per_image = other - per_image if 'sample_features' in aux else per_image - other
-                if distortion_weight:
-                    per_image = per_image + distortion_weight * distortion_cost(aux)
-                reinforce = reinforce_loss(per_image, aux['boundary_log_prob'])
+            if 'boundary_log_prob' in aux:  # routers.py's router: REINFORCE, an image's own loss rewards its cuts
+                def image_losses(logits):
+                    return F.cross_entropy(logits.float().detach(), labels, reduction='none',
+                                           label_smoothing=label_smoothing)
+                with torch.no_grad():
+                    greedy = unwrap(model).head(F.normalize(aux['greedy_features'], dim=-1))
+                reinforce = routers.reinforce_loss(aux, image_losses(logits), image_losses(greedy),
+                                                   net.visual.cfg.distortion_weight)
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, net.parameters(), grad_clip)
         sync(device)
@@ -317,7 +299,7 @@ while step < total_steps:
                   avg_step_time=epoch_stats['step_time'] / n, peak_mem_gb=peak_memory_gb(device),
                   lr=optimizer.param_groups[0]['lr'])
     if master:
-        log(dict(record, **validate(), val_skipped=val_loader.dataset.skipped.value))
+        log(dict(record, **validate()))
     if world_size > 1:
         dist.barrier()  # the other ranks wait while rank 0 evaluates
 bar.close()

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 import data
 import model as dtp_vit
+import routers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +50,10 @@ def config_keys(namespace):
 RENAMED = {'model': 'arch'}  # `model` names a module in the scripts; the OpenCLIP architecture is `arch`
 
 
+# Settings whose None means something (documented beside them); a dict's None clears it.
+NULLABLE = {'short_layers'}  # None: the architecture's depth minus pre_layers
+
+
 def _check(config, key, value, source):
     if key not in config:
         if RENAMED.get(key) in config:
@@ -57,7 +63,7 @@ def _check(config, key, value, source):
         raise SystemExit(f"config error ({source}): unknown key {key!r}"
                          + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ''))
     default = config[key]
-    if value is None and default is not None and not isinstance(default, dict):  # a dict: None clears it
+    if value is None and default is not None and not isinstance(default, dict) and key not in NULLABLE:
         raise SystemExit(f"config error ({source}): {key}=None: expected a {type(default).__name__} like the "
                          f"default {default!r}")
     if default is None or value is None or type(value) is type(default):
@@ -112,29 +118,46 @@ def configure(config, argv=None):
     return config
 
 
-# The settings of DTPConfig that both training scripts take as globals of their own.
-DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool',
-               'scan', 'train_boundaries', 'position_prior', 'color_prior', 'detach_predictor_input', 'boundary_noise',
-               'size_attention', 'extent_embedding', 'reinforce_baseline', 'predictor_pairs',
-               'train_on_greedy', 'min_segment')
+# The settings of DTPConfig that both training scripts take as globals of their own; routers.py's settings
+# travel as one dict, `router`.
+DTP_GLOBALS = ('pre_layers', 'short_layers', 'boundary', 'compression', 'temperature', 'eval_boundaries', 'pool')
 # The settings that make up the architecture (load_openclip's arguments): a resumed run takes them from its checkpoint.
-ARCH_SETTINGS = ('arch', 'vision', 'text', *DTP_GLOBALS)
+ARCH_SETTINGS = ('arch', 'vision', 'text', 'router', *DTP_GLOBALS)
+
+
+def tower_class(boundary):
+    """The image tower of a boundary rule: model.py's DTPViT, or routers.py's RouterViT for its rules."""
+    return routers.RouterViT if boundary in routers.RULES else dtp_vit.DTPViT
 
 
 def check_settings(config):
-    """Refuse, before anything starts, settings that would fail deep inside a run or silently misbehave.
-    Shared by train_clip.py and train_cls.py (keys one script lacks are skipped)."""
+    """Refuse, before anything starts, settings that would fail deep inside a run, do not apply, or would
+    silently misbehave. Shared by train_clip.py and train_cls.py (keys one script lacks are skipped)."""
     def refuse(message):
         raise SystemExit(f'config error: {message}')
 
-    fields = {f.name for f in dataclasses.fields(dtp_vit.DTPConfig)}
-    for key in ('vision', 'text'):
+    boundaries = dtp_vit.DTPConfig.BOUNDARIES + routers.RULES
+    if 'boundary' in config and config['boundary'] not in boundaries:
+        refuse(f"boundary={config['boundary']!r}: expected one of {boundaries} (the last three are routers.py's)")
+    tower = tower_class(config.get('boundary'))
+    for key in ('vision', 'text', 'router'):
         if config.get(key) is not None and not isinstance(config[key], dict):
             refuse(f'{key}={config[key]!r}: expected a dict of overrides or None')
+    router = config.get('router') or {}
+    if router and tower is dtp_vit.DTPViT:
+        refuse(f"router={router!r} applies to routers.py's rules; set boundary to one of {routers.RULES} "
+               f"(got boundary={config.get('boundary')!r}), or router=None")
+    if config.get('boundary') in ('color', 'cosine') and set(router) & set(routers.LEARNED_ONLY):
+        refuse(f"router[{sorted(set(router) & set(routers.LEARNED_ONLY))[0]!r}] applies to boundary='router' only "
+               f"(boundary={config['boundary']!r} has no weights)")
+    vision_fields = {f.name for f in dataclasses.fields(dtp_vit.DTPConfig)}
+    router_fields = {f.name for f in dataclasses.fields(routers.RouterConfig)} - vision_fields
     text_fields = {f.name for f in dataclasses.fields(open_clip.CLIPTextCfg)}
     defaults = {key: {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-                for key, cls in (('vision', dtp_vit.DTPConfig), ('text', open_clip.CLIPTextCfg))}
-    for key, names, what in (('vision', fields, 'DTPConfig field'), ('text', text_fields, 'OpenCLIP text_cfg key')):
+                for key, cls in (('vision', dtp_vit.DTPConfig), ('router', routers.RouterConfig),
+                                 ('text', open_clip.CLIPTextCfg))}
+    for key, names, what in (('vision', vision_fields, 'DTPConfig field'), ('router', router_fields,
+                             'routers.RouterConfig setting'), ('text', text_fields, 'OpenCLIP text_cfg key')):
         for name in config.get(key) or {}:
             if name in DTP_GLOBALS:  # one entry point per setting
                 refuse(f"{key}[{name!r}]: {name} is a setting of its own; set it as --{name}=... "
@@ -148,22 +171,24 @@ def check_settings(config):
                     type(value) is type(default) or (type(default) is float and type(value) is int)):
                 refuse(f"{key}[{name!r}]={value!r} is a {type(value).__name__}, expected a {type(default).__name__} "
                        f"like the default {default!r}")
-    try:  # the pooling settings, checked by DTPConfig itself
-        dtp_vit.DTPConfig(**{k: config[k] for k in DTP_GLOBALS if config.get(k) is not None})
-    except ValueError as e:  # its messages name DTPConfig's fields, which here are the script's settings
-        refuse(str(e).replace('DTPConfig.', '').replace('DTPConfig: ', ''))
+    # The pooling settings, checked by the tower's config itself, on the geometry the run will have.
+    arch = (open_clip.get_model_config(config['arch']) or {}).get('vision_cfg', {}) if config.get('arch') else {}
+    geometry = {k: arch[k] for k in ('image_size', 'patch_size') if isinstance(arch.get(k), int)}
+    try:
+        tower.config_class(**{**geometry, **(config.get('vision') or {}), **router,
+                              **{k: config[k] for k in DTP_GLOBALS if config.get(k) is not None}})
+    except ValueError as e:
+        # its messages name the config's fields: here the script's settings, or keys of the router dict
+        refuse(re.sub(r'RouterConfig\.(\w+)', lambda m: f"router['{m[1]}']" if m[1] in router_fields else m[1],
+                      str(e)).replace('DTPConfig.', '').replace('DTPConfig: ', ''))
     if config.get('precision') not in ('bf16', 'fp16', 'fp32'):
         refuse(f"precision={config.get('precision')!r}: expected 'bf16', 'fp16' or 'fp32'")
     for key, low in (('batch_size', 1), ('log_interval', 1), ('ckpt_interval', 1), ('eval_interval', 0),
                      ('epochs', 0), ('max_steps', 0), ('warmup_steps', 0), ('lr', 0), ('min_lr', 0),
                      ('lr_decay_steps', 0), ('workers', 0), ('weight_decay', 0), ('boundary_loss_weight', 0),
-                     ('router_lr_scale', 0), ('distortion_weight', 0),
                      ('grad_clip', 0)):  # a negative grad_clip would flip the gradients: the run climbs the loss
         if key in config and not config[key] >= low:
             refuse(f'{key}={config[key]!r}: must be >= {low}' + (' (0: off)' if key == 'grad_clip' else ''))
-    if config.get('distortion_weight') and config.get('train_boundaries') != 'reinforce':
-        refuse(f"distortion_weight={config['distortion_weight']!r} needs train_boundaries='reinforce' (it is a "
-               f"term of REINFORCE's reward; got train_boundaries={config.get('train_boundaries')!r})")
     if 'label_smoothing' in config and not 0 <= config['label_smoothing'] <= 1:
         refuse(f"label_smoothing={config['label_smoothing']!r}: must be between 0 and 1")
     if config.get('imagenet_val') is not None and not isinstance(config['imagenet_val'], str):
@@ -189,7 +214,7 @@ def load_model(model_args):
     """model.load_openclip(**model_args); a checkpoint it cannot read or that does not fit the settings
     stops the run with load_openclip's message (which names the file)."""
     try:
-        return dtp_vit.load_openclip(**model_args)
+        return dtp_vit.load_openclip(**model_args, tower=tower_class(model_args.get('boundary')))
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: a download failed
         raise SystemExit(f"config error: {e.args[0] if e.args else e}")
 
@@ -198,8 +223,8 @@ def new_model_args(config):
     """load_openclip's arguments for a run that does not resume: the OpenCLIP architecture `arch`, resized
     by the `vision` and `text` overrides, with the DTP settings (short_layers None: left to load_openclip,
     the architecture's depth minus pre_layers), and init_from's weights unless it is 'scratch'."""
-    dtp = dict(config['vision'] or {}, **{k: config[k] for k in DTP_GLOBALS
-                                          if k != 'short_layers' or config[k] is not None})
+    dtp = dict(config['vision'] or {}, **(config['router'] or {}), **{k: config[k] for k in DTP_GLOBALS
+                                                                       if k != 'short_layers' or config[k] is not None})
     init_from = config['init_from']
     return dict(model_name=config['arch'], pretrained=None if init_from == 'scratch' else init_from,
                 text=config['text'], **dtp)
@@ -391,28 +416,6 @@ def param_groups(named_parameters, weight_decay, router_lr_scale=1.0):
     return ([dict(params=groups[decay, False], weight_decay=wd[decay]) for decay in (True, False)]
             + [dict(params=groups[decay, True], weight_decay=wd[decay], lr_scale=router_lr_scale)
                for decay in (True, False) if groups[decay, True]])
-
-
-def reinforce_loss(sample_losses, log_prob):
-    """REINFORCE for the boundary predictor (DTPConfig.train_boundaries='reinforce'): each image's
-    boundaries were sampled with log-probability log_prob (B,), and their reward is minus the image's
-    own task loss (sample_losses, (B,)). Minimising this makes the boundaries of an image that came out
-    better than the batch's average more likely, and those of a worse one less. The advantage is
-    normalised over the batch (its mean the baseline, its spread the unit), so the step does not
-    depend on the scale of the loss. The predictor's only gradient: its samples are hard 0/1 values.
-    With reinforce_baseline='greedy' the scripts pass each image's loss minus the loss of its own top-k
-    cuts: what the sample did better or worse than the router's best guess on the same image, with the
-    image's difficulty taken out (the batch-mean baseline leaves it in, as noise)."""
-    advantage = sample_losses.detach().float()
-    advantage = (advantage.mean() - advantage) / (advantage.std(correction=0) + 1e-6)
-    return -(advantage * log_prob).mean()
-
-
-def distortion_cost(aux):
-    """(B,) what REINFORCE's cost adds per unit of distortion_weight: the pooling distortion of each
-    image's sampled cuts (model.pooling_distortion), less that of its own top-k cuts where the baseline
-    is 'greedy' (the same difference the task loss enters as)."""
-    return aux['pooling_distortion'] - aux.get('greedy_distortion', 0.0)
 
 
 def cosine_lr(step, max_steps, warmup_steps, lr, min_lr=0.0):

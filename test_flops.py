@@ -44,6 +44,33 @@ def test_fvcore_equals_closed_form(table):
         assert row['macs'] == closed, row
 
 
+@pytest.mark.parametrize('boundary, ratio', [('none', 1), ('gumbel', 2), ('gumbel', 4), ('fixed', 4), ('gumbel', 10),
+                                             ('router', 4), ('router', 10)])
+def test_torchs_own_flop_counter_agrees_with_flops_py_to_the_mac(boundary, ratio):
+    """A second oracle, maintained with torch rather than by fvcore (whose torch.jit tracing this torch
+    deprecates): torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add) on ViT-B-32 with evenly
+    spaced boundaries, against flops.py's closed form and fvcore's count, exactly. Attention runs on the math
+    backend here: FlopCounterMode counts its two matmuls there, but on the CPU's fused kernel
+    (_scaled_dot_product_flash_attention_for_cpu) it counts nothing, fvcore's trap (docs/method.md) again."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    base = flops.base_config('ViT-B-32')
+    geometry = {f.name: getattr(base, f.name) for f in dataclasses.fields(DTPConfig)
+                if f.name not in ('boundary', 'compression', 'eval_boundaries')}
+    if boundary == 'router':
+        tower = routers.RouterViT(routers.RouterConfig(**geometry, boundary='router', compression=ratio))
+    else:
+        tower = DTPViT(DTPConfig(**geometry, boundary=boundary, compression=ratio))
+    cfg, images = tower.eval().cfg, torch.zeros(1, 3, 224, 224)
+    given = None if boundary == 'none' else fixed_boundaries(1, cfg.n_patches, cfg.n_segments)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        tower(images, given)
+    torch_macs = counter.get_total_flops() // 2
+    assert torch_macs == sum(flops.closed_form(cfg).values()) == flops.fvcore_count(tower, images, given).total()
+    counted = {str(op) for op in counter.get_flop_counts()['Global']}
+    assert 'aten.bmm' in counted  # the attention matmuls (and the pooling einsum) are in the count
+
+
 def test_plain_vit_matches_openclip_published_count(table):
     arch, rows, _ = table
     assert rows[0]['gmacs'] == pytest.approx(OPENCLIP_GMACS[arch], rel=0.005)

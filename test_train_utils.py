@@ -459,3 +459,22 @@ def test_end_process_runs_the_exit_handlers_flushes_and_exits_with_its_code(tmp_
                           timeout=120)
     assert proc.returncode == 3 and proc.stdout == 'buffered' and 'the reason' in proc.stderr, proc.stderr[-2000:]
     assert marker.read_text() == 'ran'
+
+
+@pytest.mark.parametrize('base, variant, differs', [
+    ('cc12m_vit.py', 'cc12m_2x.py', {'out_dir', 'boundary', 'compression'}),
+    ('cc12m_vit.py', 'cc12m_4x.py', {'out_dir', 'boundary'}),  # compression 4 is the default
+    ('cc12m_vit.py', 'cc12m_10x.py', {'out_dir', 'boundary', 'compression'}),
+    ('imagenet_linear_vit.py', 'imagenet_linear_10x.py',
+     {'out_dir', 'boundary', 'compression', 'batch_size', 'warmup_steps', 'ckpt_interval'}),
+    ('imagenet_finetune_vit.py', 'imagenet_finetune_10x.py',
+     {'out_dir', 'boundary', 'compression', 'batch_size', 'warmup_steps', 'ckpt_interval'}),
+])
+def test_a_pooled_mission_config_is_its_plain_runs_recipe_plus_the_pooling(base, variant, differs):
+    """config/cc12m_10x.py and the like run config/cc12m_vit.py's file and change only the pooling (and, for the
+    ImageNet rows, the original's batch): the plain and the pooled run of a table share every other setting,
+    the paths to set included."""
+    script = 'train_cls.py' if base.startswith('imagenet_') else 'train_clip.py'
+    plain, pooled = (run_settings(script, f'config/{name}') for name in (base, variant))
+    assert {k for k in plain if plain[k] != pooled[k]} == differs
+    assert pooled['boundary'] == 'gumbel' and plain['boundary'] == 'none' and '/path/to/' in str(pooled)

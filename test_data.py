@@ -4,6 +4,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 import threading
@@ -76,11 +77,35 @@ def test_generation_deterministic_and_idempotent(tmp_path):
     assert read_tree(tmp_path / 'a') == tree_a
 
 
+def tree_state(top):
+    """Everything a write of any kind changes under top (top itself included): each entry's type, mode, inode,
+    link count, size, modification time (a directory's moves when an entry is created, renamed or removed, even
+    one deleted again at once), and a file's bytes (caught even where a write puts the mtime back)."""
+    state = {}
+    for p in [Path(top), *sorted(Path(top).rglob('*'))]:
+        st = p.lstat()
+        state[str(p)] = (st.st_mode, st.st_ino, st.st_nlink, st.st_size, st.st_mtime_ns,
+                         hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+    return state
+
+
+def age(top):
+    """Set every timestamp under top (top included) to 2001: a write now moves it, even within the clock tick
+    in which the entry was last written."""
+    for p in [Path(top), *Path(top).rglob('*')]:
+        os.utime(p, ns=(10 ** 18, 10 ** 18), follow_symlinks=False)
+
+
 def test_a_complete_dataset_is_only_read(tmp_path, monkeypatch):
-    """A finished dataset on a read-only mount (a shared data folder) is used as it is: no lock file,
-    no write of any kind."""
+    """A finished dataset on a read-only mount (a shared data folder) is used as it is: no lock file, no write of
+    any kind. Tests run as root, whom permissions do not stop, so a write is caught after the fact: the state of
+    the whole folder the dataset sits in (its lock file goes beside it), before and after. data.py's own open()
+    also refuses writes, as a read-only mount would. The check is checked too: it sees the lock file reopened
+    for writing (still empty), an entry made and removed at once, a byte changed with the mtime put back."""
     small = dict(SMALL, n_train=40, n_val=30)
     data.make_shapes(tmp_path / 's', workers=1, **small)
+    age(tmp_path)
+    before = tree_state(tmp_path)
 
     def read_only(file, mode='r', *args, **kwargs):
         if any(c in mode for c in 'wax+'):
@@ -89,6 +114,20 @@ def test_a_complete_dataset_is_only_read(tmp_path, monkeypatch):
     monkeypatch.setattr(data, 'open', read_only, raising=False)  # data.py's own open() calls
     again = data.make_shapes(tmp_path / 's', workers=1, **small)
     assert not again['generated'] and again['n_train'] == 40 and again['n_shards'] == 3
+    after = tree_state(tmp_path)
+    assert after == before, {p: (before.get(p), after.get(p)) for p in before.keys() | after.keys()
+                             if before.get(p) != after.get(p)}
+
+    # The check is checked: it sees writes that change no size, as the generating path's lock file would make
+    meta = tmp_path / 's' / 'meta.json'
+    writes = dict(lock_reopened=lambda: builtins.open(tmp_path / 's.lock', 'w').close(),
+                  entry_made_and_removed=lambda: ((tmp_path / 's' / 'x').touch(), (tmp_path / 's' / 'x').unlink()),
+                  byte_changed_mtime_put_back=lambda: (meta.write_bytes(b'[' + meta.read_bytes()[1:]), age(tmp_path)))
+    for name, write in writes.items():
+        assert tree_state(tmp_path) == before, name
+        write()
+        assert tree_state(tmp_path) != before, name
+        age(tmp_path)
 
 
 def test_concurrent_generation_is_safe(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -158,12 +159,69 @@ TINY = dict(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1, short_
             boundary='gumbel', compression=4.0, eval_boundaries='threshold')
 
 
+# Multiply-adds written out by hand, an oracle that shares no code with flops.py, for the geometries the CLI tests
+# use. A block of width D at L tokens: the qkv projection L x D x 3D, the output projection L x D x D, q k^T and
+# attn v 2 x A x A x D (A: the tokens attention runs on, L unless padded to a batch's largest count), the MLP's
+# two linear layers 2 x M x D x 4D (M: the tokens reaching it, L unless ToMe merged some after attention).
+def block_by_hand(D, L, attended=None, mlp_tokens=None):
+    A = L if attended is None else attended
+    M = L if mlp_tokens is None else mlp_tokens
+    return L * D * 3 * D + L * D * D + 2 * A * A * D + 2 * M * D * 4 * D
+
+
+def tiny_by_hand(segments=None, padded_to=None, short_layers=2, predictor=16 * (32 * 32 + 32), embed_dim=16):
+    """TINY's geometry (and config/shapes_tiny.py's with short_layers=1, embed_dim=32): 32 px images of 8 px
+    patches, N = 16 patches + [CLS], width 32, 1 + short_layers blocks. The patch embedding is a (3 x 8 x 8) -> 32
+    map per patch; the projection 32 -> embed_dim. segments=None: the plain ViT, every block at 17 tokens.
+    Otherwise the pre-block at 17 tokens, the predictor (default: Linear(32, 32) and Linear(32, 1) on each
+    patch), the pooling einsum (segments x 16 patches x 32), the shortened blocks at 1 + segments (attention,
+    and the pooling, at 1 + padded_to where a batch is padded)."""
+    patch_embedding, projection = 16 * (3 * 8 * 8) * 32, 32 * embed_dim
+    if segments is None:
+        return patch_embedding + (1 + short_layers) * block_by_hand(32, 17) + projection
+    P = segments if padded_to is None else padded_to
+    return (patch_embedding + block_by_hand(32, 17) + predictor + P * 16 * 32
+            + short_layers * block_by_hand(32, 1 + segments, attended=1 + P) + projection)
+
+
+# ViT-S-32 at 64 px (the --bench tests): 2 x 2 = 4 patches of 32 px + [CLS], width 384, 12 blocks, 6 heads,
+# embed_dim 384; the patch embedding 4 x (3 x 32 x 32) x 384, the projection 384 x 384.
+S32_EDGES = 4 * (3 * 32 * 32) * 384 + 384 * 384
+S32_PLAIN = S32_EDGES + 12 * block_by_hand(384, 5)
+# DTP at ratio 2 (pre_layers 2): 2 blocks at 5 tokens, the predictor (Linear(384, 384) + Linear(384, 1) on 4
+# patches), the pooling einsum (2 segments x 4 patches x 384), 10 blocks at 1 + round(4 / 2) = 3 tokens
+S32_DTP2 = S32_EDGES + 2 * block_by_hand(384, 5) + 4 * (384 * 384 + 384) + 2 * 4 * 384 + 10 * block_by_hand(384, 3)
+# ToMe r = 1 on all 12 blocks: 5 -> 4 -> 3 -> 2 tokens, then (2 - 1) // 2 = 0 merges; a merging block's MLP
+# runs on the tokens left, and its matching multiplies ceil(L / 2) x floor(L / 2) key pairs of 384 / 6 = 64
+S32_TOME1 = (S32_EDGES + block_by_hand(384, 5, mlp_tokens=4) + block_by_hand(384, 4, mlp_tokens=3)
+             + block_by_hand(384, 3, mlp_tokens=2) + 9 * block_by_hand(384, 2) + (3 * 2 + 2 * 2 + 2 * 1) * 64)
+
+
+def test_the_by_hand_counts_are_fvcores():
+    """The hand-written counts against fvcore's count of the real towers (a second, independent oracle), and
+    against the totals worked out on paper: the CLI tests below compare flops.py's numbers with them."""
+    assert (tiny_by_hand(), tiny_by_hand(4), tiny_by_hand(3, padded_to=5)) == (780_992, 471_232, 448_576)
+    assert (S32_PLAIN, S32_DTP2, S32_TOME1) == (111_264_768, 76_346_880, 54_478_080)
+    tiny = DTPConfig(**{**TINY, 'eval_boundaries': 'topk'})
+    images = torch.zeros(1, 3, 32, 32)
+    assert flops.fvcore_count(DTPViT(dataclasses.replace(tiny, boundary='none')), images).total() == tiny_by_hand()
+    for s in (1, 4, 16):
+        assert flops.fvcore_count(DTPViT(tiny), images, fixed_boundaries(1, 16, s)).total() == tiny_by_hand(s)
+    s32 = flops.base_config('ViT-S-32', 64)
+    images = torch.zeros(1, 3, 64, 64)
+    assert flops.fvcore_count(DTPViT(s32), images).total() == S32_PLAIN
+    assert flops.fvcore_count(tome.patch(DTPViT(s32), 1), images).total() == S32_TOME1
+    dtp = DTPViT(dataclasses.replace(s32, boundary='gumbel', compression=2.0))
+    assert flops.fvcore_count(dtp, images, fixed_boundaries(1, 4, 2)).total() == S32_DTP2
+
+
 @pytest.mark.parametrize('kind', ['model_args', 'config'])
 def test_checkpoint_flops_on_real_images(tmp_path, kind):
     """A checkpoint of a tiny model with data-dependent (thresholded) boundaries, as train_clip.py writes
     it (model_args) or as a bare {'model', 'config'} with wrapper prefixes: the per-image figure is the
     closed form at each image's segment count, the padded one with attention and pooling at its
-    batch's largest (the blocks pack the real tokens), and fvcore agrees on one padded batch."""
+    batch's largest (the blocks pack the real tokens), both counted here by hand (tiny_by_hand), and fvcore agrees
+    on one padded batch."""
     torch.manual_seed(0)
     model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1), **TINY)
     clip = load_openclip(**model_args)
@@ -182,8 +240,7 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     plain, ideal, padded = rows
     assert (plain['pooling'], ideal['pooling'], padded['pooling']) == ('none', 'dtp', 'dtp')
     cfg = clip.visual.cfg
-    assert plain['gmacs'] == flops.gmacs(DTPConfig(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1,
-                                                   short_layers=2, embed_dim=16, boundary='none'))
+    assert plain['gmacs'] == tiny_by_hand() / 1e9
 
     # the same two batches by hand: the loader's weights, sorted paths, the eval transform
     loaded, _ = flops.load_tower(str(tmp_path / 'ckpt.pt'), 'ignored')
@@ -196,16 +253,16 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     with torch.no_grad():
         for x in batches:
             counts = loaded.eval()(x)[1]['n_segments'].tolist()
-            per_image += [flops.gmacs(cfg, s) for s in counts]
-            per_padded += [flops.padded_gmacs(cfg, s, max(counts)) for s in counts]
+            per_image += [tiny_by_hand(s) for s in counts]
+            per_padded += [tiny_by_hand(s, padded_to=max(counts)) for s in counts]
         b = loaded(batches[0])[1]['boundaries']
     counts = b.sum(1).long().tolist()
     assert min(counts) < max(counts), counts  # the batch really is ragged, so padding is exercised
-    assert ideal['gmacs'] == pytest.approx(sum(per_image) / 6) and padded['gmacs'] == pytest.approx(sum(per_padded) / 6)
+    assert ideal['gmacs'] == pytest.approx(sum(per_image) / 6 / 1e9, rel=1e-12)
+    assert padded['gmacs'] == pytest.approx(sum(per_padded) / 6 / 1e9, rel=1e-12)
     assert padded['gmacs'] > ideal['gmacs']
-    # fvcore on that padded batch (packed blocks, masked attention) = what padded_gmacs says it runs
-    total = flops.fvcore_count(loaded, batches[0], b).total()
-    assert total == pytest.approx(1e9 * sum(flops.padded_gmacs(cfg, s, max(counts)) for s in counts), rel=1e-12)
+    # fvcore on that padded batch (packed blocks, masked attention) = the count by hand, to the multiply-add
+    assert flops.fvcore_count(loaded, batches[0], b).total() == sum(tiny_by_hand(s, max(counts)) for s in counts)
 
 
 @pytest.fixture(scope='module')
@@ -243,6 +300,10 @@ def test_a_router_runs_checkpoint_compares_to_the_plain_vit(router_run):
     assert ideal['params'] == sum(v.numel() for v in weights.values())
     assert ideal['images'] == 1500 and ideal['tokens'] == padded['tokens'] == 1 + 4
     assert ideal['gmacs'] == padded['gmacs'] < plain['gmacs']
+    # by hand: 1 + 1 blocks, embed_dim 32, the router's Linear(2 x 32, 32) + Linear(32, 1) on the 16 patches
+    assert plain['gmacs'] * 1e9 == pytest.approx(tiny_by_hand(short_layers=1, embed_dim=32), rel=1e-12)
+    assert ideal['gmacs'] * 1e9 == pytest.approx(
+        tiny_by_hand(4, short_layers=1, embed_dim=32, predictor=16 * (2 * 32 * 32 + 32)), rel=1e-12)
 
 
 def test_checkpoint_batch_size_must_be_positive(router_run):
@@ -266,9 +327,9 @@ def test_checkpoint_of_a_weightless_rule_compares_to_the_plain_vit(tmp_path):
     cfg = clip.visual.cfg
     assert isinstance(cfg, routers.RouterConfig) and cfg.boundary == 'color'
     assert plain['params'] == ideal['params'] == sum(p.numel() for p in clip.visual.parameters())
-    assert plain['gmacs'] == flops.gmacs(DTPConfig(image_size=32, patch_size=8, width=32, heads=2, pre_layers=1,
-                                                   short_layers=2, embed_dim=16, boundary='none'))
-    assert ideal['gmacs'] == flops.gmacs(cfg) == padded['gmacs'] and ideal['tokens'] == 1 + 4
+    assert plain['gmacs'] == tiny_by_hand() / 1e9
+    assert ideal['gmacs'] == padded['gmacs'] == pytest.approx(tiny_by_hand(4, predictor=0) / 1e9, rel=1e-12)
+    assert ideal['tokens'] == 1 + 4
 
 
 def test_checkpoint_skips_and_counts_unreadable_images(tmp_path, capsys):
@@ -307,18 +368,49 @@ def test_openclip_format_checkpoint(tmp_path):
 
 
 def test_bench_smoke():
+    """--bench on ViT-S-32 at 64 px (4 patches + [CLS]) at ratio 2, checked where it can be derived: the tokens
+    inference ran (N + 1 = 5 for the plain ViT, 1 + round(4 / 2) = 3 for DTP), their cost (the closed form, the
+    FLOP table's fvcore count and the count by hand), ideal and the speedups from the rows' own numbers, the
+    predictor's parameters by hand, and the segments of training's Bernoulli samples (see below)."""
     threads = torch.get_num_threads()
     try:  # one thread: two threads on a shared machine pay an OpenMP wake-up for every small op
-        rows = flops.main(['--model', 'ViT-S-32', '--image-size', '64', '--ratio', '2', '--bench', '--batch-size', '2',
+        rows = flops.main(['--model', 'ViT-S-32', '--image-size', '64', '--ratio', '2', '--bench', '--batch-size', '32',
                            '--repeats', '1', '--threads', '1', '--json'])
     finally:
         torch.set_num_threads(threads)
-    assert [r['pooling'] for r in rows] == ['none', 'dtp']
-    weights = sum(p.numel() for p in DTPViT(flops.base_config('ViT-S-32', 64)).parameters()) * 4 / 1e9
+    assert [(r['arch'], r['pooling'], r['ratio'], r['tokens'], r['bench_tokens']) for r in rows] == [
+        ('ViT-S-32', 'none', 1.0, 5, 5), ('ViT-S-32', 'dtp', 2.0, 3, 3)]
+    assert all((r['device'], r['batch_size'], r['repeats']) == ('cpu', 32, 1) for r in rows)
+    plain, dtp = rows
+    base = flops.base_config('ViT-S-32', 64)
+    assert plain['bench_gmacs'] == flops.gmacs(base)
+    assert dtp['bench_gmacs'] == flops.gmacs(dataclasses.replace(base, boundary='gumbel', compression=2.0), 2)
+    for row, by_hand in zip(rows, (S32_PLAIN, S32_DTP2)):
+        assert row['macs'] == by_hand and row['bench_gmacs'] == pytest.approx(by_hand / 1e9, rel=1e-12)
+    assert plain['ideal'] == 1.0 and dtp['ideal'] == plain['bench_gmacs'] / dtp['bench_gmacs']
+    assert dtp['ideal'] == pytest.approx(S32_PLAIN / S32_DTP2, rel=1e-12)
     for row in rows:
-        assert row['throughput'] > 0 and row['train_step_s'] > 0 and row['ideal'] > 0
-        assert row['peak_mem_gb'] > weights
-    assert rows[1]['bench_tokens'] == 1 + 2 and rows[1]['ideal'] > 1
+        assert row['speedup'] == row['throughput'] / plain['throughput']
+        assert row['train_speedup'] == plain['train_step_s'] / row['train_step_s']
+        assert row['throughput'] > 0 and row['train_step_s'] > 0
+    assert plain['speedup'] == plain['train_speedup'] == 1.0
+    # the same plain weights in both rows; DTP adds its predictor: LayerNorm(384), Linear(384, 384), Linear(384, 1)
+    assert plain['params'] == sum(p.numel() for p in DTPViT(base).parameters())
+    assert dtp['params'] - plain['params'] == 2 * 384 + (384 * 384 + 384) + (384 + 1)
+    weights = plain['params'] * 4 / 1e9
+    assert plain['peak_mem_gb'] > weights and dtp['peak_mem_gb'] > weights
+    # Training: the plain ViT keeps its 4 patches. DTP's train tokens are 1 + the mean segment count of 3 steps (2
+    # while measuring memory, 1 timed) of 32 images, so 96 x (train_tokens - 1) is a whole number. The untrained
+    # predictor starts at the rate p = (4 / 2 - 1) / (4 - 1) = 1/3 on the 3 patches before the last (a boundary by
+    # construction): each image has 1 + Binomial(3, 1/3) segments, mean 2, standard deviation sqrt(2/3). The range
+    # is 4.5 standard deviations of a mean over 96 images, loose on purpose: the draws are random (the test fixes
+    # no seed), and the predictor's random last layer scatters each patch's logit around the initial bias (here
+    # by ~0.2, a mean rate of ~0.32). A sampler at 1/r = 1/2 (mean 2.5) lies outside it; the top-k eval cuts
+    # (exactly 2) would not, so this checks the rate the samples are drawn at.
+    assert plain['train_tokens'] == 5.0
+    segments = dtp['train_tokens'] - 1
+    assert abs(96 * segments - round(96 * segments)) < 1e-9, segments
+    assert abs(segments - 2) <= 4.5 * math.sqrt(2 / 3 / 96), segments
 
 
 def router_config(base, **settings):
@@ -373,15 +465,106 @@ def test_tome_r_for_cost_refuses_a_cost_below_the_cheapest_schedule():
     assert flops.tome_r_for_cost(base, 1.0) == 0
 
 
+# Object masks of five shapes val images, drawn on their 4 x 4 grid of 8 px patches: '#' a patch all shape, '=' its
+# top half (50% >= 1/3: an object patch), ':' its top quarter (25% < 1/3: background), '.' background.
+QUALITY_MASKS = [
+    ['====', '....', '....', '....'],  # row 0 is object
+    ['....', '.##.', '.##.', '....'],  # the centre 2 x 2
+    ['....', '..:.', '....', '....'],  # no object patch
+    ['#...', '#...', '....', '....'],  # the first two of column 0
+    ['....', '....', '....', '..:#'],  # the last patch
+]
+ROWS_COVERED = {'#': 8, '=': 4, ':': 2, '.': 0}
+
+
+def object_patches_by_hand(index):
+    """The 16 object patches (row-major) of QUALITY_MASKS[index]."""
+    return [ROWS_COVERED[c] * 3 >= 8 for row in QUALITY_MASKS[index] for c in row]  # covered share >= 1/3
+
+
+def write_quality_masks(root):
+    """Replace the val_masks.npy of a 5-image shapes val set by QUALITY_MASKS, in pixels (255: shape)."""
+    masks = np.zeros((len(QUALITY_MASKS), 32, 32), np.uint8)
+    for i, grid in enumerate(QUALITY_MASKS):
+        for r, row in enumerate(grid):
+            for c, char in enumerate(row):
+                masks[i, 8 * r:8 * r + ROWS_COVERED[char], 8 * c:8 * (c + 1)] = 255
+    np.save(Path(root) / 'val_masks.npy', masks)
+
+
+def quality_by_hand(segments_of):
+    """segment_purity and object_tokens of QUALITY_MASKS, given segments_of(i): image i's segments as lists of
+    patch indices: the share of segments all object or all background; per image with an object, the segments
+    touching it per object patch, averaged."""
+    pure = count = 0
+    per_object = []
+    for i in range(len(QUALITY_MASKS)):
+        objects = object_patches_by_hand(i)
+        segments = segments_of(i)
+        assert sorted(t for seg in segments for t in seg) == list(range(16))
+        pure += sum(len({objects[t] for t in seg}) == 1 for seg in segments)
+        count += len(segments)
+        if any(objects):
+            per_object.append(sum(any(objects[t] for t in seg) for seg in segments) / sum(objects))
+    return pure / count, sum(per_object) / len(per_object)
+
+
 def test_checkpoint_reports_segment_quality_on_shapes_val(tmp_path):
-    root = data.make_shapes(tmp_path / 'shapes', n_train=8, n_val=12, image_size=32, shard_size=8, workers=1)['root']
-    clip = load_openclip(model_name='ViT-B-32', text=dict(width=32, heads=2, layers=1), **TINY)
-    torch.save(dict(model=clip.state_dict(), model_args=dict(model_name='ViT-B-32', pretrained=None,
-                                                           text=dict(width=32, heads=2, layers=1), **TINY)),
-               tmp_path / 'ckpt.pt')
-    _, dtp, _ = flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', f'{root}/val', '--json'])
-    assert 0 <= dtp['segment_purity'] <= 1 and 0 < dtp['object_tokens'] <= 1
-    assert dtp['boundary_prob_std'] >= 0 and 'boundary_margin' in dtp
+    """--checkpoint --data on shapes val images whose object masks are known (QUALITY_MASKS): with fixed pooling at
+    4x every image's segments are the 4 rows of its grid, so segment_purity is (4 + 2 + 4 + 2 + 3) / 20 pure rows
+    and object_tokens (1/4 + 2/4 + 2/2 + 1/1) / 4 (the third image has no object patch: its quarter-covered patch
+    is under the 1/3 threshold); a transposed (column-major) mask would give 12 / 20 and 3 / 4. With a learned
+    predictor (thresholded, so the segments differ between images and each must meet its own mask), the same
+    figures and the predictor's boundary_prob_std and boundary_margin, recomputed here from its logits."""
+    root = data.make_shapes(tmp_path / 'shapes', n_train=8, n_val=5, image_size=32, shard_size=8, workers=1)['root']
+    write_quality_masks(root)
+    text = dict(width=32, heads=2, layers=1)
+    fixed = dict(model_name='ViT-B-32', pretrained=None, text=text,
+                 **{**TINY, 'boundary': 'fixed', 'eval_boundaries': 'topk'})
+    torch.save(dict(model=load_openclip(**fixed).state_dict(), model_args=fixed), tmp_path / 'fixed.pt')
+    _, dtp, _ = flops.main(['--checkpoint', str(tmp_path / 'fixed.pt'), '--data', f'{root}/val', '--json'])
+    rows = quality_by_hand(lambda i: [[4 * r + c for c in range(4)] for r in range(4)])
+    assert rows == (15 / 20, (1 / 4 + 2 / 4 + 2 / 2 + 1 / 1) / 4)
+    assert (dtp['segment_purity'], dtp['object_tokens']) == rows
+    assert 'boundary_prob_std' not in dtp and 'boundary_margin' not in dtp  # no predictor
+
+    torch.manual_seed(0)
+    learned = dict(model_name='ViT-B-32', pretrained=None, text=text, **TINY)
+    clip = load_openclip(**learned)
+    with torch.no_grad():  # logits around 0, so that the segments differ between images
+        clip.visual.predictor[-1].bias.zero_()
+        clip.visual.predictor[-1].weight.mul_(20)
+    torch.save(dict(model=clip.state_dict(), model_args=learned), tmp_path / 'learned.pt')
+    _, dtp, _ = flops.main(['--checkpoint', str(tmp_path / 'learned.pt'), '--data', f'{root}/val', '--json'])
+    paths = sorted(Path(root, 'val').rglob('*.jpg'), key=lambda p: int(p.stem))  # image i: mask i
+    transform = open_clip.image_transform(32, is_train=False)
+    with torch.no_grad():
+        aux = clip.visual.eval()(torch.stack([transform(Image.open(p).convert('RGB')) for p in paths]))[1]
+    cuts = aux['boundaries'].tolist()  # 1: the patch closes its segment
+    assert len({tuple(c) for c in cuts}) > 1, cuts  # the pairing of images with masks matters
+
+    def segments_of(i):
+        segments, current = [], []
+        for t in range(16):
+            current.append(t)
+            if cuts[i][t] or t == 15:
+                segments.append(current)
+                current = []
+        return segments
+    purity, object_tokens = quality_by_hand(segments_of)
+    assert dtp['segment_purity'] == pytest.approx(purity, rel=1e-12)
+    assert dtp['object_tokens'] == pytest.approx(object_tokens, rel=1e-6)  # summed in float32
+    stds, margins = [], []
+    for logits, cut in zip(aux['boundary_logits'].tolist(), cuts):
+        p = [1 / (1 + math.exp(-x)) for x in logits[:15]]  # the last patch, a boundary by construction, left out
+        mean = sum(p) / 15
+        stds.append(math.sqrt(sum((q - mean) ** 2 for q in p) / 15))
+        chosen = [q for q, c in zip(p, cut) if c]
+        rest = [q for q, c in zip(p, cut) if not c]
+        if chosen and rest:
+            margins.append(sum(chosen) / len(chosen) - sum(rest) / len(rest))
+    assert margins and dtp['boundary_prob_std'] == pytest.approx(sum(stds) / 5, rel=1e-5)
+    assert dtp['boundary_margin'] == pytest.approx(sum(margins) / len(margins), rel=1e-5)
 
 
 @pytest.mark.parametrize('args, message', [
@@ -431,6 +614,8 @@ def test_tome_r_for_cost_matches_dtp():
 
 
 def test_tome_rows_in_the_cli():
+    """A ToMe row's gmacs is fvcore's count of the patched tower (flops.tome_rows), so equality with tome_gmacs is
+    two counts agreeing; its token counts are checked against a schedule worked out by hand."""
     rows = flops.main(['--ratio', '4', '--tome-r', '8', '--tome-cost', '0.42', '--json'])
     assert [r['pooling'] for r in rows] == ['none', 'dtp', 'tome', 'tome']
     base = flops.base_config('ViT-B-32')
@@ -439,6 +624,8 @@ def test_tome_rows_in_the_cli():
         assert row['tokens'] == row['tokens_per_block'][-1] - min(r if isinstance(r, int) else r[-1],
                                                                   (row['tokens_per_block'][-1] - 1) // 2)
     assert rows[3]['rel_cost'] == pytest.approx(0.42, abs=0.01)
+    # r = 8 on ViT-B-32's 50 tokens, by hand: 8 merges a block while (L - 1) // 2 allows, then (L - 1) // 2
+    assert rows[2]['tokens_per_block'] == [50, 42, 34, 26, 18, 10, 6, 4, 3, 2, 2, 2] and rows[2]['tokens'] == 2
 
 
 def test_bench_smoke_with_tome():
@@ -454,6 +641,9 @@ def test_bench_smoke_with_tome():
     plain, _, merged = rows
     base = flops.base_config('ViT-S-32', 64)
     assert merged['tome_r'] == 1 and merged['bench_tokens'] == merged['tokens'] == 2
+    assert merged['bench_gmacs'] == flops.tome_gmacs(base, 1) and merged['macs'] == S32_TOME1  # fvcore, by hand
     assert merged['ideal'] == pytest.approx(flops.gmacs(base) / flops.tome_gmacs(base, 1))
+    assert merged['ideal'] == pytest.approx(S32_PLAIN / S32_TOME1, rel=1e-12)
+    assert merged['speedup'] == merged['throughput'] / plain['throughput']
     assert merged['throughput'] > 0 and merged['train_step_s'] > 0 and merged['peak_mem_gb'] > 0
     assert merged['params'] == plain['params'] and merged['train_tokens'] == 2

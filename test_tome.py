@@ -178,9 +178,13 @@ def test_patch_keeps_the_module_and_its_weights():
 
 def test_runs_on_an_openclip_checkpoint(tmp_path):
     """An OpenCLIP checkpoint loaded with boundary='none': r = 0 is OpenCLIP's encode_image, r > 0 merges.
-    (A random ViT-S-32 at 64 px: 4 patches + [CLS].)"""
+    (A random ViT-S-32 at 64 px: 4 patches + [CLS], every weight perturbed, so that a LayerNorm left at its
+    initial weight 1 and bias 0 cannot hide a missing or swapped mapping.)"""
     torch.manual_seed(0)
     ref = open_clip.create_model('ViT-S-32', force_image_size=64).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     torch.save(ref.state_dict(), tmp_path / 'openclip.pt')
     vit = load_openclip('ViT-S-32', str(tmp_path / 'openclip.pt'), image_size=64, boundary='none').visual.eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -68,7 +68,9 @@ def test_epochs_log_their_efficiency_metrics(logged_run):
 
 def test_the_run_ends_with_a_zero_shot_evaluation(logged_run):
     """The final record's accuracies are those of the saved model, computed here independently of the script's
-    evaluation: OpenCLIP's zero-shot classifier of the checkpoint, over the shapes val set in the same batches."""
+    evaluation: OpenCLIP's zero-shot classifier of the checkpoint, over the shapes val set in the same batches;
+    colour_top1 and shape_top1 count the images whose top-1 class name has the right first word (the colour) or
+    the right second word (the shape), read from the class names rather than from data.SHAPES_GROUPS."""
     final = [r for r in records(logged_run) if 'zeroshot_top1' in r]
     assert final and final[-1]['step'] == 60
     final = final[-1]
@@ -90,19 +92,14 @@ def test_the_run_ends_with_a_zero_shot_evaluation(logged_run):
             top5 = (torch.nn.functional.normalize(clip.visual(images)[0], dim=-1) @ classifier).topk(5, dim=1).indices
             correct['top1'] += (top5[:, 0] == labels).sum().item()
             correct['top5'] += (top5 == labels[:, None]).any(1).sum().item()
-            for name in ('colour', 'shape'):
-                groups = data.SHAPES_GROUPS[name]
-                correct[name] += (groups[top5[:, 0]] == groups[labels]).sum().item()
+            for guess, label in zip(top5[:, 0].tolist(), labels.tolist()):
+                colour, shape = data.SHAPES_CLASSNAMES[guess].split()
+                correct['colour'] += data.SHAPES_CLASSNAMES[label].startswith(colour + ' ')
+                correct['shape'] += data.SHAPES_CLASSNAMES[label].endswith(' ' + shape)
             n += len(labels)
     assert n == 1500
     assert (final['zeroshot_top1'], final['zeroshot_top5'], final['colour_top1'], final['shape_top1']) == tuple(
         100 * correct[k] / n for k in ('top1', 'top5', 'colour', 'shape'))
-
-
-def test_shapes_evaluation_scores_colour_and_shape_on_their_own(logged_run):
-    """Top-1 needs both halves of the class name right, so it is at most either half's accuracy."""
-    final = [r for r in records(logged_run) if 'zeroshot_top1' in r][-1]
-    assert final['zeroshot_top1'] <= min(final['colour_top1'], final['shape_top1']) <= 100
 
 
 def test_evaluation_saves_a_picture_of_the_segments(logged_run):
@@ -195,9 +192,13 @@ def test_torchrun_ranks_share_the_epoch(ddp_run):
 
 def test_eval_only_reproduces_openclip_zero_shot(tmp_path):
     """An OpenCLIP checkpoint evaluated with boundary='none' gives OpenCLIP's own zero-shot numbers.
-    (A random ViT-B-32 at 64 px, so that 1500 validation images take seconds.)"""
+    (A random ViT-B-32 at 64 px, so that 1500 validation images take seconds, every weight perturbed, so that a
+    LayerNorm left at its initial weight 1 and bias 0 cannot hide a missing or swapped mapping.)"""
     torch.manual_seed(0)
     ref = open_clip.create_model('ViT-B-32', force_image_size=64).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     ckpt = str(tmp_path / 'openclip.pt')
     torch.save(ref.state_dict(), ckpt)
     out = str(tmp_path / 'eval')

@@ -25,11 +25,15 @@ def run(*args, **kwargs):
 
 def openclip_checkpoint(tmp_path):
     """A small random CLIP built by OpenCLIP itself (12 vision blocks of width 64, as the ViT-B-32 config
-    asks, 16 patches of 16 px) and saved in OpenCLIP's layout: a stand-in for a pretrained checkpoint.
+    asks, 16 patches of 16 px) and saved in OpenCLIP's layout: a stand-in for a pretrained checkpoint, every weight
+    perturbed, so that a LayerNorm left at its initial weight 1 and bias 0 cannot hide a missing or swapped mapping.
     Returns it and the train_cls.py arguments that load it."""
     torch.manual_seed(0)
     ref = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=64, patch_size=16, width=64, layers=12, head_width=32),
                          text_cfg=dict(context_length=32, vocab_size=49408, width=64, heads=2, layers=2)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     path = str(tmp_path / 'openclip.pt')
     torch.save(ref.state_dict(), path)
     return ref, [f'--init_from={path}', "--vision={'image_size': 64, 'patch_size': 16, 'width': 64, 'heads': 2, "

@@ -33,7 +33,7 @@ What it changes in model.py's DTPViT:
 - the boundary prior is reported but fixed: the cuts are hard samples, with no gradient through it.
 
 Measured on the built-in shapes data (docs/results.md; 3 seeds each, zero-shot top-1): 'router' at
-4x 97.6% (fixed pooling 93.2%), at 10x 92.5% (fixed 79.9%). Its cue: the colour change between
+4x 97.4% (fixed pooling 92.7%), at 10x 92.5% (fixed 79.9%). Its cue: the colour change between
 neighbouring patches, which marks the shapes' edges in that data (see README, Results).
 """
 from dataclasses import dataclass

@@ -121,8 +121,9 @@ if tome_r:  # the ToMe baseline: the image tower's forward, in training and eval
     tome.patch(clip.visual, tome_r)
     if master:  # what runs: a block merges at most (tokens - 1) // 2
         applied = tome.applied(clip.visual.cfg.n_patches + 1, tome_r, len(clip.visual.transformer.resblocks))
-        print(f'ToMe: {flops.format_r(applied)} tokens merged per block, {flops.tome_gmacs(clip.visual.cfg, applied) * 1e3:.2f} '
-              f'MMACs per image (plain ViT {flops.gmacs(clip.visual.cfg) * 1e3:.2f})')
+        print(f'ToMe: {flops.format_r(applied)} tokens merged per block, '
+              f'{flops.tome_gmacs(clip.visual.cfg, applied) * 1e3:.2f} MMACs per image '
+              f'(plain ViT {flops.gmacs(clip.visual.cfg) * 1e3:.2f})')
 clip.to(device)
 vision_cfg = clip.visual.cfg
 tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
@@ -187,7 +188,8 @@ except ValueError as e:
     raise SystemExit(f'train_data={train_data!r}: {e}; use more shards or samples, or fewer workers or a smaller '
                      f'batch_size')
 total_steps = max_steps or epochs * loader.num_batches
-optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay, getattr(vision_cfg, 'lr_scale', 1.0)), lr=lr,
+router_lr_scale = getattr(vision_cfg, 'lr_scale', 1.0)  # routers.py's predictor trains at its own lr
+optimizer = torch.optim.AdamW(param_groups(clip.named_parameters(), weight_decay, router_lr_scale), lr=lr,
                               betas=(0.9, 0.98), eps=1e-6, fused=True)
 scaler = grad_scaler(precision, device)
 step = 0

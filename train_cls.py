@@ -181,6 +181,11 @@ object_patches = (data.shapes_object_patches([p for p, _ in val_loader.dataset.s
                                              net.visual.cfg.patch_size) if data_dir == 'shapes' and master else None)
 
 
+def image_losses(logits, labels):
+    """Each image's own cross-entropy, (B,), without gradient: what REINFORCE rewards (routers.py)."""
+    return F.cross_entropy(logits.float().detach(), labels, reduction='none', label_smoothing=label_smoothing)
+
+
 def validate():
     """Top-1/top-5 (percent) and compression on the whole val set (rank 0), and a picture of the segments."""
     m = unwrap(net)
@@ -262,12 +267,9 @@ while step < total_steps:
             ce = loss_fn(logits.float(), labels)
             loss = ce + boundary_loss_weight * aux['boundary_loss']
             if 'boundary_log_prob' in aux:  # routers.py's router: REINFORCE, an image's own loss rewards its cuts
-                def image_losses(logits):
-                    return F.cross_entropy(logits.float().detach(), labels, reduction='none',
-                                           label_smoothing=label_smoothing)
                 with torch.no_grad():
                     greedy = unwrap(model).head(F.normalize(aux['greedy_features'], dim=-1))
-                reinforce = routers.reinforce_loss(aux, image_losses(logits), image_losses(greedy),
+                reinforce = routers.reinforce_loss(aux, image_losses(logits, labels), image_losses(greedy, labels),
                                                    net.visual.cfg.distortion_weight)
                 loss = loss + reinforce
         optimizer_step(loss, optimizer, scaler, net.parameters(), grad_clip)

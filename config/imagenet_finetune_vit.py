@@ -1,4 +1,4 @@
-# Finetuning all of the pretrained OpenCLIP ViT-B-32 (laion2b_s34b_b79k) on ImageNet-1k: the design document's
+# Finetuning all of the pretrained OpenCLIP ViT-B-32 (laion2b_s34b_b79k) on ImageNet-1k: the original DTP-ViT's
 # finetune row (batch 512, 1 epoch), which fell to 50.02% from 66.53% zero-shot (forgetting). Here the head
 # starts as the zero-shot classifier (head_init='auto' with a checkpoint) and the pretrained weights train 10x
 # slower than it (backbone_lr_scale=0.1: 3e-5, as in WiSE-FT's CLIP finetuning).

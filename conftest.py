@@ -166,3 +166,12 @@ def check_distortion_weight(script, config, tmp_path):
     assert all(0 < r['distortion'] < 1 for out in outs for r in train_records(out))
     without, with_ = (load_ckpt(out)['model'] for out in outs)
     assert not torch.equal(without['visual.predictor.3.weight'], with_['visual.predictor.3.weight'])
+
+
+@pytest.fixture(scope='session')
+def plain_checkpoint(tmp_path_factory):
+    """A plain CLIP checkpoint of this project (train_clip.py with boundary='none', tiny, 20 steps): the
+    pretrained model of docs/pretrained.md's path, at test size. Returns its path."""
+    out = str(tmp_path_factory.mktemp('plain') / 'run')
+    run_script('train_clip.py', 'config/shapes_tiny.py', '--boundary=none', f'--out_dir={out}', '--max_steps=20')
+    return os.path.join(out, 'ckpt.pt')

@@ -231,7 +231,9 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     if kind == 'model_args':
         ckpt = dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-B-32', lr=1e-3), step=3)
     else:
-        ckpt = dict(model={'_orig_mod.' + k: v for k, v in clip.state_dict().items()}, config={**TINY, 'lr': 1e-3})
+        # the keys of a compiled model under DDP: both wrappers' prefixes, stripped in turn
+        ckpt = dict(model={'module._orig_mod.' + k: v for k, v in clip.state_dict().items()},
+                    config={**TINY, 'lr': 1e-3})
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     write_images(tmp_path / 'val', 6)
 
@@ -343,14 +345,15 @@ def test_checkpoint_skips_and_counts_unreadable_images(tmp_path, capsys):
     assert ideal['images'] == 3 and ideal['unreadable'] == 1 and 'broken.jpg' in capsys.readouterr().err
 
 
-def test_a_tome_runs_checkpoint_is_refused(tmp_path):
+@pytest.mark.parametrize('tome_r, tome_cost', [(2, 0.0), (0, 0.5)])
+def test_a_tome_runs_checkpoint_is_refused(tmp_path, tome_r, tome_cost):
     """Its weights are the plain ViT's: counted as DTP it would be reported at the plain ViT's cost."""
     model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1),
                       **{**TINY, 'boundary': 'none', 'eval_boundaries': 'topk'})
     torch.save(dict(model=load_openclip(**model_args).state_dict(), model_args=model_args, step=1,
-                    config=dict(tome_r=2, tome_cost=0.0)), tmp_path / 'ckpt.pt')
+                    config=dict(tome_r=tome_r, tome_cost=tome_cost)), tmp_path / 'ckpt.pt')
     write_images(tmp_path / 'val', 2)
-    with pytest.raises(SystemExit, match=r"ToMe run's \(tome_r=2.*--tome-r"):
+    with pytest.raises(SystemExit, match=rf"ToMe run's \(tome_r={tome_r}, tome_cost={tome_cost}\).*--tome-r"):
         flops.main(['--checkpoint', str(tmp_path / 'ckpt.pt'), '--data', str(tmp_path / 'val')])
 
 
@@ -611,6 +614,26 @@ def test_tome_r_for_cost_matches_dtp():
         assert isinstance(r, int) and abs(costs[r] / plain - target) == min(abs(c / plain - target) for c in costs)
         schedule = flops.tome_r_for_cost(base, target, per_block=True)
         assert flops.tome_gmacs(base, schedule) / plain == pytest.approx(target, abs=0.01)
+
+
+def test_tome_r_for_cost_per_block_is_the_nearest_front_loaded_schedule():
+    """per_block=True against a search of every schedule of its family (a + 1 tokens in the first k blocks, a in
+    the rest, for every a and k): the schedule it returns misses each target by the least any of them does, and a
+    constant schedule comes back as an int. Two towers, costs from the cheapest to 1."""
+    for base in (flops.base_config('ViT-B-32'), DTPConfig(image_size=48, patch_size=8, width=128, heads=4,
+                                                         embed_dim=128, pre_layers=2, short_layers=4, boundary='none')):
+        plain, depth = flops.gmacs(base), base.pre_layers + base.short_layers
+        family = [[a + 1] * k + [a] * (depth - k) for a in range(base.n_patches // 2 + 1) for k in range(depth)]
+        costs = [flops.tome_gmacs(base, r) / plain for r in family]
+        cheapest = flops.tome_gmacs(base, base.n_patches // 2) / plain
+        for target in [cheapest + (1 - cheapest) * i / 40 for i in range(41)]:
+            schedule = flops.tome_r_for_cost(base, target, per_block=True)
+            assert abs(flops.tome_gmacs(base, schedule) / plain - target) == min(abs(c - target) for c in costs)
+            if isinstance(schedule, list):
+                assert len(set(schedule)) == 2
+            else:
+                assert isinstance(schedule, int)
+        assert flops.tome_r_for_cost(base, 1.0, per_block=True) == 0
 
 
 def test_tome_rows_in_the_cli():

@@ -171,7 +171,8 @@ def test_patch_keeps_the_module_and_its_weights():
         twin = copy.deepcopy(vit)  # the copy's forward runs the copy's weights
         twin.proj.data.zero_()
         assert twin(x)[0].abs().max() == 0 and vit(x)[0].abs().max() > 0
-        assert torch.equal(tome.unpatch(vit)(x)[0], plain)
+        assert torch.equal(tome.unpatch(vit)(x)[0], plain) and not hasattr(vit, 'tome_r')
+        assert torch.equal(tome.unpatch(vit)(x)[0], plain)  # unpatching a plain tower changes nothing
     with pytest.raises(ValueError, match="boundary='none'"):
         tome.patch(tiny_vit(boundary='fixed', pre_layers=1, short_layers=1), 4)
 

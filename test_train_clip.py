@@ -12,7 +12,7 @@ from model import DTPConfig, load_openclip
 from conftest import (check_distortion_weight, check_job_wide_sigterm_with_workers, check_reinforce_run,
                       check_sigterm_loses_nothing, load_ckpt, read_shard, records, run_script, terminate_mid_run,
                       train_records, write_tar)
-from train_utils import cosine_lr
+from train_utils import cosine_lr, tower_class
 
 TINY = 'config/shapes_tiny.py'
 
@@ -698,3 +698,42 @@ def test_a_plain_run_shortened_training_free(tmp_path, plain_ckpt, setting):
 def test_a_job_wide_sigterm_with_loader_workers_still_saves_the_last_step(tmp_path):
     """Streaming shards through two loader workers, the signal reaching every process of the job."""
     check_job_wide_sigterm_with_workers('train_clip.py', TINY, tmp_path, f"--train_data={data.make_shapes()['shards']}")
+
+
+# From a pretrained CLIP to a faster one (docs/pretrained.md) -----------------------------------------
+
+@pytest.mark.parametrize('boundary, router', [('fixed', {}), ('gumbel', {}), ('router', {'min_segment': 1}),
+                                              ('cosine', {'size_attention': True})])
+def test_pooling_with_one_segment_per_patch_computes_the_plain_checkpoints_output(plain_checkpoint, boundary, router):
+    """Inserting pooling into a pretrained plain tower changes nothing until segments hold more than one patch:
+    every patch its own segment (size 1: no size bias either), the plain model's embedding."""
+    args = dict(torch.load(plain_checkpoint, weights_only=True)['model_args'], pretrained=plain_checkpoint)
+    plain = load_openclip(**args).visual.eval()
+    pooled = load_openclip(**dict(args, boundary=boundary, compression=1.0, **router),
+                           tower=tower_class(boundary)).visual.eval()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = plain(images)
+        features, aux = pooled(images)
+    assert aux['n_segments'].tolist() == [16] * 4
+    assert (features - expected).abs().max() <= 1e-5 and expected.abs().max() > 0.1
+
+
+@pytest.mark.parametrize('pooling', [['--boundary=none'], ['--boundary=fixed', '--compression=4']])
+def test_a_finetune_starts_from_the_checkpoint_and_evaluates_it_first(plain_checkpoint, tmp_path, pooling):
+    """A finetune's zero-shot at step 0 is the training-free model's: the checkpoint's own final evaluation for
+    the plain tower, eval_only's with the pooling inserted."""
+    trained_run = os.path.dirname(plain_checkpoint)
+    checkpoint_eval = [r for r in records(trained_run) if 'zeroshot_top1' in r][-1]
+    run(TINY, f'--init_from={plain_checkpoint}', *pooling, '--max_steps=4', '--eval_interval=2',
+        f'--out_dir={tmp_path / "ft"}')
+    evals = [r for r in records(tmp_path / 'ft') if 'zeroshot_top1' in r]
+    assert [r['step'] for r in evals] == [0, 2, 4]
+    if pooling == ['--boundary=none']:
+        assert {**evals[0], 'step': 20} == checkpoint_eval
+    else:
+        run(TINY, f'--init_from={plain_checkpoint}', *pooling, '--eval_only=True', f'--out_dir={tmp_path / "eval"}')
+        assert evals[0] == records(tmp_path / 'eval')[-1]
+        assert evals[0]['eval_compression'] == 4.0 and checkpoint_eval['eval_compression'] == 1.0
+    start, end = torch.load(plain_checkpoint, weights_only=True)['model'], load_ckpt(tmp_path / 'ft')['model']
+    assert not torch.equal(start['visual.proj'], end['visual.proj'])  # and then it trains

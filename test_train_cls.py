@@ -354,3 +354,32 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 def test_a_job_wide_sigterm_with_loader_workers_still_saves_the_last_step(tmp_path):
     """Two loader workers decoding the image folder, the signal reaching every process of the job."""
     check_job_wide_sigterm_with_workers('train_cls.py', TINY, tmp_path)
+
+
+@pytest.mark.parametrize('pooling, new_in_tower', [(['--boundary=gumbel'], 'visual.predictor.'),
+                                                   (['--boundary=router'], ('visual.predictor.',
+                                                                            'visual.extent_embedding.')),
+                                                   (['--boundary=none', '--tome_cost=0.7'], None)])
+def test_a_probe_of_a_plain_checkpoint_moves_only_the_head_and_the_pooling(plain_checkpoint, tmp_path, pooling,
+                                                                           new_in_tower):
+    """docs/pretrained.md's stage (b): on this project's plain CLIP checkpoint with pooling inserted, a frozen run
+    leaves every tower weight bit-identical while the zero-shot head and the new pooling weights train."""
+    args = [TINY, f'--init_from={plain_checkpoint}', '--freeze_backbone=True', *pooling, '--lr=1e-2']
+    run(*args, '--max_steps=1', '--lr=0', f'--out_dir={tmp_path / "initial"}')
+    proc = run(*args, '--max_steps=5', f'--out_dir={tmp_path / "trained"}')
+    pretrained = {k: v for k, v in torch.load(plain_checkpoint, weights_only=True)['model'].items()
+                  if k.startswith('visual.')}
+    initial, trained = load_ckpt(tmp_path / 'initial')['model'], load_ckpt(tmp_path / 'trained')['model']
+    new = sorted(set(trained) - set(pretrained))
+    assert [k for k in new if not k.startswith('head.')] == [k for k in new if new_in_tower and
+                                                             k.startswith(new_in_tower)]
+    assert {'head.weight', 'head.bias'} <= set(new) and (len(new) > 2) == bool(new_in_tower)
+    for k, v in pretrained.items():
+        assert torch.equal(trained[k], v), f'{k} changed'
+    for k in new:
+        assert not torch.equal(trained[k], initial[k]), f'{k} did not train'
+    logged = [r for r in records(tmp_path / 'trained') if 'val_top1' in r][-1]
+    if new_in_tower:  # the pooling is used
+        assert logged['eval_compression'] == 4.0
+    else:  # ToMe is: 17 tokens, 6 merged in the first block, 5 in the second (the printed schedule), 5 patches left
+        assert 'ToMe: r=[6]*1+[5]*1 tokens merged per block' in proc.stdout and logged['eval_compression'] == 16 / 5

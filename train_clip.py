@@ -24,14 +24,13 @@ from open_clip import zero_shot_metadata
 from tqdm import tqdm
 
 import data
-import flops
 import routers
 import tome
 from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         shapes_data, step_seed, stop_if_not_finite, sync, together,
+                         shapes_data, step_seed, tome_patch, stop_if_not_finite, sync, together,
                          unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
@@ -42,7 +41,7 @@ out_dir = 'out/clip-shapes'
 init_from = 'scratch'       # 'scratch', 'resume' (out_dir/ckpt.pt), or an OpenCLIP checkpoint file or tag
 eval_only = False           # evaluate init_from and exit
 log_interval = 10           # steps between log lines
-eval_interval = 0           # steps between zero-shot evaluations (0: only at the end)
+eval_interval = 0           # steps between zero-shot evaluations, from step 0 (0: only at the end)
 ckpt_interval = 250         # steps between checkpoints (and one at the end)
 # data
 train_data = 'shapes'       # 'shapes' (built-in, generated on first use) or a webdataset pattern of shards
@@ -112,18 +111,7 @@ clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'
     world_size=None if eval_only else world_size)
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
-if tome_cost:  # the schedule of this cost on this tower (r + 1 in the first blocks, r in the rest)
-    try:
-        tome_r = flops.tome_r_for_cost(clip.visual.cfg, tome_cost, per_block=True)
-    except ValueError as e:
-        raise SystemExit(f'config error: {e}')
-if tome_r:  # the ToMe baseline: the image tower's forward, in training and evaluation; its weights stay as they are
-    tome.patch(clip.visual, tome_r)
-    if master:  # what runs: a block merges at most (tokens - 1) // 2
-        applied = tome.applied(clip.visual.cfg.n_patches + 1, tome_r, len(clip.visual.transformer.resblocks))
-        print(f'ToMe: {flops.format_r(applied)} tokens merged per block, '
-              f'{flops.tome_gmacs(clip.visual.cfg, applied) * 1e3:.2f} MMACs per image '
-              f'(plain ViT {flops.gmacs(clip.visual.cfg) * 1e3:.2f})')
+tome_patch(clip.visual, tome_r, tome_cost, master)  # the ToMe baseline, when set
 clip.to(device)
 vision_cfg = clip.visual.cfg
 tokenizer = open_clip.get_tokenizer(model_args['model_name'], context_length=clip.text.context_length)
@@ -229,6 +217,11 @@ epoch_stats = defaultdict(float)
 if seen >= loader.num_batches:  # checkpointed at the end of an epoch
     epoch, seen = epoch + 1, 0
 preempted = Preemption(world_size, device)  # SIGTERM: save after this step and exit
+if eval_interval and step == 0:  # as nanoGPT, also before the first step: a finetune's starting point
+    if val_loader:
+        log(zero_shot(step))
+    if world_size > 1:
+        dist.barrier()  # the other ranks wait while rank 0 evaluates
 while step < total_steps:
     loader.set_epoch(epoch)
     reset_peak_memory(device)

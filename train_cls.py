@@ -28,11 +28,12 @@ from tqdm import tqdm
 import data
 import model as dtp_vit
 import routers
+import tome
 from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         shapes_data, step_seed, stop_if_not_finite, sync, unwrap,
+                         shapes_data, step_seed, stop_if_not_finite, tome_patch, sync, unwrap,
                          wrap_model)
 
 # -----------------------------------------------------------------------------------------------
@@ -60,6 +61,8 @@ temperature = 0.5           # Gumbel-Sigmoid temperature
 eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
 pool = 'cls'                # image embedding: 'cls' token or 'mean' of the segments
 router = None               # routers.py's settings (RouterConfig fields) for its rules, e.g. dict(min_segment=2)
+tome_r = 0                  # ToMe (tome.py) on the plain ViT: tokens merged per block (0: off)
+tome_cost = 0.0             # ToMe: the schedule whose MMACs are nearest this fraction of the plain ViT's (0: off)
 head_init = 'auto'          # 'zeroshot', 'random', or 'auto': zeroshot when init_from is a checkpoint, else random
 freeze_backbone = False     # True: train only what is new (the head and the boundary predictor)
 backbone_lr_scale = 0.1     # finetuning: lr multiplier of pretrained weights (a backbone from scratch trains at lr)
@@ -82,6 +85,8 @@ seed = 0
 config = configure({k: globals()[k] for k in config_keys(globals())})
 check_settings(config)
 globals().update(config)
+if tome_r or tome_cost:
+    tome.check_settings(tome_r, tome_cost, boundary)
 if head_init not in ('auto', 'zeroshot', 'random'):
     raise SystemExit(f"config error: head_init={head_init!r}, expected 'auto', 'zeroshot' or 'random'")
 
@@ -119,8 +124,10 @@ class Classifier(nn.Module):
 
 torch.manual_seed(seed)  # the same initial head and predictor in every run with this seed
 # resuming, the architecture and the optimizer's groups come from the checkpoint; batch_size fixes the data position
+# (ToMe's settings may change only for evaluation, as in train_clip.py)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
-                                                                     'batch_size'],
+                                                                     'batch_size'] + (
+                                        [] if eval_only else ['tome_r', 'tome_cost']),
                                     world_size=None if eval_only else world_size)
 if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
     raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
@@ -128,6 +135,7 @@ if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.clas
                      f"({', '.join(ckpt['classes'][:3])}, ...); resume on its data_dir, or start a new run")
 pretrained = ckpt['pretrained_backbone'] if ckpt is not None else init_from != 'scratch'  # as the checkpointed run
 net = Classifier(clip.visual, len(train_set.classes)).to(device)
+tome_patch(net.visual, tome_r, tome_cost, master)  # the ToMe baseline, when set
 if ckpt is not None:
     net.load_state_dict(ckpt['model'])
 else:

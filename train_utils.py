@@ -31,6 +31,7 @@ from tqdm import tqdm
 import data
 import model as dtp_vit
 import routers
+import tome
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +260,27 @@ def init_model(config, ckpt_path, resume_keys=(), world_size=None):
         model_args = new_model_args(config)
     model = load_model(model_args)
     return model, dict(model_args, pretrained=None), ckpt
+
+
+def tome_patch(visual, tome_r, tome_cost, master):
+    """The ToMe baseline (tome.py) on a plain tower, in training and evaluation, when tome_r or tome_cost is set:
+    tome_cost picks the schedule of that fraction of the plain ViT's MMACs (r + 1 in the first blocks, r in the
+    rest). The weights stay as they are. Prints the schedule that really runs (a block merges at most
+    (tokens - 1) // 2)."""
+    import flops  # here, not at the top: flops.py imports this file
+    if tome_cost:
+        try:
+            tome_r = flops.tome_r_for_cost(visual.cfg, tome_cost, per_block=True)
+        except ValueError as e:
+            raise SystemExit(f'config error: {e}')
+    if not tome_r:
+        return
+    tome.patch(visual, tome_r)
+    if master:
+        applied = tome.applied(visual.cfg.n_patches + 1, tome_r, len(visual.transformer.resblocks))
+        print(f'ToMe: {flops.format_r(applied)} tokens merged per block, '
+              f'{flops.tome_gmacs(visual.cfg, applied) * 1e3:.2f} MMACs per image '
+              f'(plain ViT {flops.gmacs(visual.cfg) * 1e3:.2f})')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import flops
 import routers
 import tome
 from conftest import run_script
-from model import DTPConfig, DTPViT, fixed_boundaries, load_openclip
+from model import DTPConfig, DTPViT, fixed_boundaries, is_new, load_openclip
 
 RATIOS = [1, 2, 4, 10]
 # OpenCLIP's docs/model_profile.csv, image tower, 2 FLOPs per MAC (docs/method.md section 3)
@@ -215,25 +215,42 @@ def test_the_by_hand_counts_are_fvcores():
     assert flops.fvcore_count(dtp, images, fixed_boundaries(1, 4, 2)).total() == S32_DTP2
 
 
-@pytest.mark.parametrize('kind', ['model_args', 'config'])
+# kind -> the OpenCLIP architecture the checkpoint names (None: it names none), and the one load_tower reports
+CHECKPOINT_KINDS = {'model_args': ('ViT-S-32', 'ViT-S-32'), 'model_args without a name': (None, 'ViT-B-32'),
+                    'config': (None, 'custom'), 'config with model': ('ViT-B-32-quickgelu', 'ViT-B-32-quickgelu')}
+
+
+@pytest.mark.parametrize('kind', list(CHECKPOINT_KINDS))
 def test_checkpoint_flops_on_real_images(tmp_path, kind):
     """A checkpoint of a tiny model with data-dependent (thresholded) boundaries, as train_clip.py writes
-    it (model_args) or as a bare {'model', 'config'} with wrapper prefixes: the per-image figure is the
+    it (model_args, its model_name given or left to load_openclip's default) or as a bare {'model', 'config'}
+    with wrapper prefixes (its tower settings partly under 'vision', its architecture named by 'model' or not at
+    all): the tower is the checkpoint's, QuickGELU of a '-quickgelu' architecture included; the architecture
+    reported is the one the checkpoint names ('custom' when a bare config names none); the per-image figure is the
     closed form at each image's segment count, the padded one with attention and pooling at its
     batch's largest (the blocks pack the real tokens), both counted here by hand (tiny_by_hand), and fvcore agrees
     on one padded batch."""
     torch.manual_seed(0)
-    model_args = dict(model_name='ViT-B-32', pretrained=None, text=dict(width=32, heads=2, layers=1), **TINY)
+    # architectures other than the default ViT-B-32 where one is named, so that a name read from the wrong place
+    # shows (ViT-B-32-quickgelu: the only difference from DTPConfig's defaults that TINY leaves is the activation)
+    name = CHECKPOINT_KINDS[kind][0]
+    model_args = dict(pretrained=None, text=dict(width=32, heads=2, layers=1), **TINY)
+    if name:
+        model_args['model_name'] = name
     clip = load_openclip(**model_args)
     with torch.no_grad():  # logits around 0, so that the segment counts differ between images
         clip.visual.predictor[-1].bias.zero_()
         clip.visual.predictor[-1].weight.mul_(20)
-    if kind == 'model_args':
-        ckpt = dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-B-32', lr=1e-3), step=3)
+    if kind.startswith('model_args'):
+        ckpt = dict(model=clip.state_dict(), model_args=model_args, config=dict(model='ViT-L-14', lr=1e-3), step=3)
     else:
-        # the keys of a compiled model under DDP: both wrappers' prefixes, stripped in turn
-        ckpt = dict(model={'module._orig_mod.' + k: v for k, v in clip.state_dict().items()},
-                    config={**TINY, 'lr': 1e-3})
+        # the keys of a compiled model under DDP: both wrappers' prefixes, stripped in turn; the width and the
+        # depth under 'vision' (overrides of an OpenCLIP config), the rest under their own names
+        vision = {k: TINY[k] for k in ('width', 'short_layers')}
+        config = {**{k: v for k, v in TINY.items() if k not in vision}, 'vision': vision, 'lr': 1e-3}
+        if name:
+            config['model'] = name
+        ckpt = dict(model={'module._orig_mod.' + k: v for k, v in clip.state_dict().items()}, config=config)
     torch.save(ckpt, tmp_path / 'ckpt.pt')
     write_images(tmp_path / 'val', 6)
 
@@ -245,8 +262,9 @@ def test_checkpoint_flops_on_real_images(tmp_path, kind):
     assert plain['gmacs'] == tiny_by_hand() / 1e9
 
     # the same two batches by hand: the loader's weights, sorted paths, the eval transform
-    loaded, _ = flops.load_tower(str(tmp_path / 'ckpt.pt'), 'ignored')
-    assert loaded.cfg == cfg
+    loaded, arch = flops.load_tower(str(tmp_path / 'ckpt.pt'), 'ignored')
+    assert arch == plain['arch'] == CHECKPOINT_KINDS[kind][1]
+    assert loaded.cfg == cfg and cfg.quick_gelu == (kind == 'config with model')
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), clip.visual.state_dict().values()))
     transform = open_clip.image_transform(32, is_train=False)
     paths = sorted((tmp_path / 'val').rglob('*.png'))
@@ -363,11 +381,18 @@ def test_openclip_format_checkpoint(tmp_path):
     write_images(tmp_path / 'val', 3, size=64)
     args = ['--checkpoint', str(tmp_path / 'openclip.pt'), '--data', str(tmp_path / 'val'), '--model', 'ViT-S-32',
             '--image-size', '64', '--json']
-    with pytest.raises(SystemExit):  # the compression it was trained at must be given
+    with pytest.raises(SystemExit, match=r'openclip.pt is an OpenCLIP-format checkpoint: pass the compression it '
+                                         r'was trained at as a single --ratio R \(and --model, --pre-layers'):
         flops.main(args)
     plain, ideal, padded = flops.main(args + ['--ratio', '2'])
     assert ideal['tokens'] == padded['tokens'] == 1 + 2  # top-k: round(4 / 2) segments for every image
-    assert ideal['gmacs'] < plain['gmacs']
+    assert ideal['gmacs'] < plain['gmacs'] and plain['arch'] == 'ViT-S-32'
+    # the file's weights (every one the plain tower has), with the settings from the command line
+    tower, arch = flops.load_tower(str(tmp_path / 'openclip.pt'), 'ViT-S-32', ratio=2, pre_layers=1, image_size=64)
+    assert arch == 'ViT-S-32' and tower.cfg.image_size == 64 and tower.cfg.compression == 2
+    assert tower.cfg.pre_layers == 1 != clip.visual.cfg.pre_layers and tower.cfg.boundary == 'gumbel'
+    saved = clip.visual.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in tower.state_dict().items() if not is_new(k))
 
 
 def test_bench_smoke():
@@ -634,6 +659,33 @@ def test_tome_r_for_cost_per_block_is_the_nearest_front_loaded_schedule():
             else:
                 assert isinstance(schedule, int)
         assert flops.tome_r_for_cost(base, 1.0, per_block=True) == 0
+
+
+def documented_block(path, marker):
+    """The lines of the one ``` block of a document (path from the repository root) that holds marker."""
+    blocks = (Path(__file__).parent / path).read_text().split('```')[1::2]
+    [block] = [b for b in blocks if marker in b]
+    return block.strip().splitlines()
+
+
+def test_the_printed_tables_are_the_documented_ones(capsys):
+    """The FLOP table flops.py prints (print_table, format_r's short ToMe schedules), as README.md and
+    docs/speed.md show it: every line of their blocks is a line the command prints today, to the character, so
+    a changed count, schedule or layout shows here and the documents cannot go stale unseen."""
+    for args, path, marker in [(['--ratio', '4'], 'README.md', 'ViT-B-32  dtp      4'),
+                               (['--tome-r', '8', '--tome-cost', '0.6', '0.42'], 'docs/speed.md', 'tome     r=8 ')]:
+        flops.main(args)
+        printed = capsys.readouterr().out.splitlines()
+        documented = documented_block(path, marker)
+        assert len(documented) >= 3 and [line for line in documented if line not in printed] == [], args
+
+
+def test_format_r_writes_a_schedule_as_its_runs():
+    """format_r by hand: a constant r as itself, a schedule as runs of equal values in block order."""
+    assert flops.format_r(8) == 'r=8'
+    assert flops.format_r([4] * 2 + [3] * 10) == 'r=[4]*2+[3]*10'
+    assert flops.format_r([6, 5]) == 'r=[6]*1+[5]*1'
+    assert flops.format_r([3, 1, 1, 3]) == 'r=[3]*1+[1]*2+[3]*1'  # runs, not counts of each value
 
 
 def test_tome_rows_in_the_cli():

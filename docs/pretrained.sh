@@ -26,17 +26,13 @@ declare -A POOLING=(
 ORDER=${ORDER:-vit1 fixed2 fixed4 fixed10 dtp2 dtp4 dtp10 router2 router4 router10 cosine2 cosine4 cosine10 tome2 tome4 tome10}
 # What makes pooling safe to insert (training-free only): the cosine rule with and without size-aware attention,
 # and the layer the pooling comes after (pre_layers of the 6 blocks), at 4x
-declare -A SAFE=(
-  [fixed4x]="--boundary=fixed --compression=4"
-  [cosine2x]="--boundary=cosine --compression=2" [cosine4x]="--boundary=cosine --compression=4"
-  [cosine10x]="--boundary=cosine --compression=10"
-  [cosinesa2x]="--boundary=cosine --compression=2 --router=\"{'size_attention': True}\""
-  [cosinesa4x]="--boundary=cosine --compression=4 --router=\"{'size_attention': True}\""
-  [cosinesa10x]="--boundary=cosine --compression=10 --router=\"{'size_attention': True}\""
-)
+declare -A SAFE=([fixed4x]=${POOLING[fixed4]})
+for r in 2 4 10; do
+  SAFE[cosine${r}x]="--boundary=cosine --compression=$r" SAFE[cosinesa${r}x]=${POOLING[cosine$r]}
+done
 for pre in 1 3; do
-  SAFE[fixed4x-pre$pre]="--boundary=fixed --compression=4 --pre_layers=$pre --short_layers=$((6 - pre))"
-  SAFE[cosinesa4x-pre$pre]="--boundary=cosine --compression=4 --router=\"{'size_attention': True}\" --pre_layers=$pre --short_layers=$((6 - pre))"
+  SAFE[fixed4x-pre$pre]="${POOLING[fixed4]} --pre_layers=$pre --short_layers=$((6 - pre))"
+  SAFE[cosinesa4x-pre$pre]="${POOLING[cosine4]} --pre_layers=$pre --short_layers=$((6 - pre))"
 done
 for name in "${!SAFE[@]}"; do
   dir=$OUT/tf-$name

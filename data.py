@@ -38,9 +38,18 @@ from PIL import Image, ImageDraw
 from torchvision.datasets import ImageFolder
 
 # -----------------------------------------------------------------------------
-# The shapes dataset: one dominant coloured shape per image, label = colour x shape
+# The shapes dataset, in three styles (one setting, `shapes_style`, picks one; each has its own folder):
+#   'colour'   one dominant shape on a grey background, label = colour x shape (30 classes). The shape is
+#              the only strong hue, so a change of mean colour marks its edges: a cue that favours any
+#              pooling that reads colour, and that real photographs do not hand out.
+#   'clutter'  the same labels, on a mosaic of grey cells of every brightness: the pixels' colour changes
+#              all over the image, as much between two cells as at a shape's edge.
+#   'count'    1 to 6 small shapes, label = how many (6 classes); the caption says how many, and half the
+#              time names them. Busy images hold more objects, so here the tokens an image gets can matter.
 
 SHAPES_VERSION = 3  # bump whenever the generator changes, so old data is regenerated
+STYLES_VERSION = 1  # the same for 'clutter' and 'count' alone (the default's data stays as it is)
+SHAPES_STYLES = ('colour', 'clutter', 'count')
 # No colour starts with a vowel, so "a {classname}" prompts are always grammatical.
 COLOURS = {'red': (215, 40, 40), 'yellow': (240, 205, 30), 'green': (40, 160, 60),
            'blue': (35, 80, 215), 'purple': (135, 50, 175), 'pink': (245, 125, 185)}
@@ -62,14 +71,45 @@ SIZES = {'small': 0.30, 'medium-sized': 0.42, 'large': 0.56}  # shape diameter /
 BACKGROUNDS = ['plain', 'plain', 'striped', 'checkered', 'noisy']  # plain 40% of the time
 CAPTIONS = ['a photo of a {size}{name}{pos}', 'a {size}{name}{pos}', 'an image of a {size}{name}{pos}',
             'a picture showing a {size}{name}{pos}', 'there is a {size}{name}{pos}']
+COUNT_CAPTIONS = ['a photo of {name}', '{name}', 'an image of {name}', 'a picture showing {name}',
+                  'a picture of {name}']
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges even at 32-64 px
-SHAPES_ROOT = str(Path(__file__).resolve().parent / 'data' / 'shapes')  # git-ignored
+SHAPES_ROOT = str(Path(__file__).resolve().parent / 'data' / 'shapes')  # git-ignored; other styles: shapes-<style>
+COUNTS = ['one', 'two', 'three', 'four', 'five', 'six']
+COUNT_CLASSNAMES = ['one shape'] + [f'{n} shapes' for n in COUNTS[1:]]  # index == label == count - 1
+COUNT_TEMPLATES = (
+    lambda c: f'a photo of {c}.',
+    lambda c: f'{c}.',
+    lambda c: f'an image of {c}.',
+    lambda c: f'{c} on a plain background.',
+    lambda c: f'{c} on a textured background.',
+)
 
 
-def _class_dir(label):
+def shapes_task(style):
+    """What a style's labels mean: dict(classnames (index == label), templates (zero-shot prompts),
+    groups (for evaluation's accuracy of each half of a class name; None: none))."""
+    check_style(style)
+    if style == 'count':
+        return dict(classnames=COUNT_CLASSNAMES, templates=COUNT_TEMPLATES, groups=None)
+    return dict(classnames=SHAPES_CLASSNAMES, templates=SHAPES_TEMPLATES, groups=SHAPES_GROUPS)
+
+
+def check_style(style):
+    if style not in SHAPES_STYLES:
+        raise ValueError(f'shapes_style={style!r}: expected one of {SHAPES_STYLES}')
+
+
+def shapes_root(style='colour'):
+    """Where a style's dataset is generated: data/shapes for the default style, data/shapes-<style> else."""
+    check_style(style)
+    return SHAPES_ROOT if style == 'colour' else f'{SHAPES_ROOT}-{style}'
+
+
+def _class_dir(label, classnames=SHAPES_CLASSNAMES):
     # ImageFolder sorts class folders alphabetically; the zero-padded label prefix
     # makes that order equal to label order, so ImageFolder's targets == our labels.
-    return f'{label:02d}_' + SHAPES_CLASSNAMES[label].replace(' ', '_')
+    return f'{label:02d}_' + classnames[label].replace(' ', '_')
 
 
 def _position_phrase(row, col):
@@ -125,30 +165,62 @@ def _background(rng, S, kind):
     return Image.fromarray(np.where(mask[..., None], c2, c1).astype(np.uint8))
 
 
-def _render(index, seed, split_id, image_size):
-    """Draw image `index` of a split. Its RNG depends only on (seed, split, index),
-    so the result is independent of generation order and parallelism."""
-    rng = np.random.default_rng([seed, split_id, index])
-    label = index % len(SHAPES_CLASSNAMES)  # balanced classes
-    colour, shape = SHAPES_CLASSNAMES[label].split(' ')
-    S = image_size * SUPERSAMPLE
-    bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-    img = _background(rng, S, bg)
-    mask = Image.new('L', (S, S), 0)  # where the shapes are: the truth that segment quality is measured on
-    draw, draw_mask = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+class _Canvas:
+    """An image being drawn at SUPERSAMPLE x its size, its object mask, and the image's RNG."""
 
-    def draw_shape(shape, cx, cy, r, fill):
-        _draw_shape(draw, shape, cx, cy, r, fill)
-        _draw_shape(draw_mask, shape, cx, cy, r, 255)
+    def __init__(self, rng, image_size):
+        self.rng, self.S = rng, image_size * SUPERSAMPLE
+        self.bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+        self.img = _background(rng, self.S, self.bg)
+        self.mask = Image.new('L', (self.S, self.S), 0)  # where the shapes are: the truth segments are measured on
+        self.draw, self.draw_mask = ImageDraw.Draw(self.img), ImageDraw.Draw(self.mask)
 
-    def jittered(rgb):  # the same colour name covers a small range of RGB values
-        return tuple(int(v) for v in np.clip(np.array(rgb) + rng.integers(-20, 21, 3), 0, 255))
+    def shape(self, shape, cx, cy, r, fill):
+        _draw_shape(self.draw, shape, cx, cy, r, fill)
+        _draw_shape(self.draw_mask, shape, cx, cy, r, 255)
 
-    def place(cell, r):  # centre of a 3x3 grid cell, jittered, clamped to stay inside the image
-        row, col = divmod(cell, 3)
-        cx, cy = [(g + 0.5) / 3 * S + rng.uniform(-S / 12, S / 12) for g in (col, row)]
+    def jittered(self, rgb):  # the same colour name covers a small range of RGB values
+        return tuple(int(v) for v in np.clip(np.array(rgb) + self.rng.integers(-20, 21, 3), 0, 255))
+
+    def place(self, cell, r, jitter=1 / 12):  # centre of a 3x3 grid cell, jittered, clamped to stay inside
+        S, (row, col) = self.S, divmod(cell, 3)
+        cx, cy = [(g + 0.5) / 3 * S + self.rng.uniform(-S * jitter, S * jitter) for g in (col, row)]
         return float(np.clip(cx, r + 2, S - r - 2)), float(np.clip(cy, r + 2, S - r - 2))
 
+    def mosaic(self):
+        """'clutter': cover the background with a mosaic of irregular grey cells (a Voronoi tiling) of every
+        brightness, each about a patch wide. The colour (as the pixels' RGB) then changes between any two cells
+        as much as at a shape's edge; the shapes stay the only saturated regions."""
+        rng, S = self.rng, self.S
+        centres = rng.uniform(0, S, (int(rng.integers(*CLUTTER_CELLS)), 2))
+        yy, xx = np.mgrid[0:S:2, 0:S:2] + 0.5  # the tiling at half the drawing's resolution (8x faster), then doubled
+        nearest = ((xx[..., None] - centres[:, 0]) ** 2 + (yy[..., None] - centres[:, 1]) ** 2).argmin(-1)
+        greys = rng.integers(30, 226, len(centres))
+        self.img = Image.fromarray(np.repeat(greys[nearest], 2, 0).repeat(2, 1).astype(np.uint8)).convert('RGB')
+        self.draw = ImageDraw.Draw(self.img)
+
+    def jpeg_and_mask(self):  # the mask: the share of each pixel on a shape
+        img, mask = self.img.reduce(SUPERSAMPLE), self.mask.reduce(SUPERSAMPLE)
+        buf = io.BytesIO()
+        img.save(buf, format='JPEG', quality=90)
+        return buf.getvalue(), np.asarray(mask)
+
+
+CLUTTER_CELLS = (40, 61)  # 'clutter': how many mosaic cells (low, high + 1)
+
+
+def _render(index, seed, split_id, image_size, style='colour'):
+    """Draw image `index` of a split: (jpeg bytes, caption, label, object mask). Its RNG depends only on
+    (seed, split, index), so the result is independent of generation order and parallelism."""
+    rng = np.random.default_rng([seed, split_id, index])
+    if style == 'count':
+        return _render_count(rng, index, image_size)
+    label = index % len(SHAPES_CLASSNAMES)  # balanced classes
+    colour, shape = SHAPES_CLASSNAMES[label].split(' ')
+    canvas = _Canvas(rng, image_size)
+    S, bg, draw_shape, jittered, place = canvas.S, canvas.bg, canvas.shape, canvas.jittered, canvas.place
+    if style == 'clutter':
+        canvas.mosaic()
     cell = int(rng.integers(9))
     size = list(SIZES)[rng.integers(len(SIZES))]
     r = SIZES[size] * rng.uniform(0.92, 1.08) * S / 2
@@ -161,7 +233,6 @@ def _render(index, seed, split_id, image_size):
         rr = rng.uniform(0.12, 0.18) * S / 2
         draw_shape(os_, *place(int(other_cell), rr), rr, jittered(COLOURS[oc]))
     draw_shape(shape, *place(cell, r), r, jittered(COLOURS[colour]))
-    img, mask = img.reduce(SUPERSAMPLE), mask.reduce(SUPERSAMPLE)  # mask: share of each pixel on a shape
 
     # Size and position are each named in half of the captions only. Named always, colour + size +
     # position would single out almost every caption in a batch of 128 (6 x 3 x 9 = 162 combinations),
@@ -170,13 +241,36 @@ def _render(index, seed, split_id, image_size):
     size_words = f'{size} ' if rng.random() < 0.5 else ''
     position = ' ' + _position_phrase(*divmod(cell, 3)) if rng.random() < 0.5 else ''
     caption = template.format(size=size_words, name=SHAPES_CLASSNAMES[label], pos=position)
-    if rng.random() < 0.5:
-        caption += f' on a {bg} background'
+    if rng.random() < 0.5:  # 'clutter': the mosaic hides the background's pattern
+        caption += f" on a {'patchwork' if style == 'clutter' else bg} background"
     if n_distract and rng.random() < 0.5:
         caption += ', next to smaller shapes'
-    buf = io.BytesIO()
-    img.save(buf, format='JPEG', quality=90)
-    return buf.getvalue(), caption + '.', label, np.asarray(mask)
+    jpg, mask = canvas.jpeg_and_mask()
+    return jpg, caption + '.', label, mask
+
+
+def _render_count(rng, index, image_size):
+    """'count': 1 to 6 small shapes of any class, each in its own cell of the 3x3 grid (never touching),
+    label = their number - 1. The caption says how many, and half the time names each, in reading order."""
+    label = index % len(COUNT_CLASSNAMES)  # balanced counts
+    canvas = _Canvas(rng, image_size)
+    names = []
+    for cell in sorted(rng.choice(9, label + 1, replace=False)):
+        # diameter <= 0.24 of the side and centres >= 1/3 - 2/30 apart: neighbours never touch
+        r = rng.uniform(0.18, 0.24) * canvas.S / 2
+        name = SHAPES_CLASSNAMES[rng.integers(len(SHAPES_CLASSNAMES))]
+        colour, shape = name.split(' ')
+        canvas.shape(shape, *canvas.place(int(cell), r, jitter=1 / 30), r, canvas.jittered(COLOURS[colour]))
+        names.append(f'a {name}')
+    listed = names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' and ' + names[-1]
+    template = COUNT_CAPTIONS[rng.integers(len(COUNT_CAPTIONS))]
+    # The shapes are listed in half of the captions only: with the list always there, the list alone tells a
+    # batch's captions apart, and contrastive training had no reason to learn the count (32% zero-shot).
+    caption = template.format(name=COUNT_CLASSNAMES[label] + (f': {listed}' if rng.random() < 0.5 else ''))
+    if rng.random() < 0.5:
+        caption += f' on a {canvas.bg} background'
+    jpg, mask = canvas.jpeg_and_mask()
+    return jpg, caption + '.', label, mask
 
 
 def _tar_add(tar, name, blob):
@@ -187,14 +281,15 @@ def _tar_add(tar, name, blob):
     tar.addfile(info, io.BytesIO(blob))
 
 
-def _write_shapes(out, pool, n_train, n_val, image_size, seed, shard_size):
+def _write_shapes(out, pool, n_train, n_val, image_size, seed, shard_size, style):
+    classnames = shapes_task(style)['classnames']
     for split in ('train', 'val'):
-        for label in range(len(SHAPES_CLASSNAMES)):
-            (out / split / _class_dir(label)).mkdir(parents=True)
+        for label in range(len(classnames)):
+            (out / split / _class_dir(label, classnames)).mkdir(parents=True)
     (out / 'shards').mkdir()
 
     def rendered(split_id, n):  # (index, (jpg, caption, label, mask)), rendered in parallel, in index order
-        render = partial(_render, seed=seed, split_id=split_id, image_size=image_size)
+        render = partial(_render, seed=seed, split_id=split_id, image_size=image_size, style=style)
         return enumerate(pool.imap(render, range(n), chunksize=64))
 
     tar = None
@@ -207,24 +302,24 @@ def _write_shapes(out, pool, n_train, n_val, image_size, seed, shard_size):
         meta = dict(url=f'shapes://train/{key}', key=key, caption=caption, status='success',
                     error_message=None, width=image_size, height=image_size,
                     original_width=image_size, original_height=image_size,
-                    label=label, classname=SHAPES_CLASSNAMES[label])
+                    label=label, classname=classnames[label])
         for ext, blob in [('cls', str(label).encode()), ('jpg', jpg),
                           ('json', json.dumps(meta).encode()), ('txt', caption.encode())]:
             _tar_add(tar, f'{key}.{ext}', blob)
-        (out / 'train' / _class_dir(label) / f'{key}.jpg').write_bytes(jpg)
+        (out / 'train' / _class_dir(label, classnames) / f'{key}.jpg').write_bytes(jpg)
     if tar:
         tar.close()
     masks = np.zeros((n_val, image_size, image_size), np.uint8)
     for i, (jpg, caption, label, mask) in rendered(1, n_val):
-        (out / 'val' / _class_dir(label) / f'{i:09d}.jpg').write_bytes(jpg)
+        (out / 'val' / _class_dir(label, classnames) / f'{i:09d}.jpg').write_bytes(jpg)
         masks[i] = mask
     np.save(out / 'val_masks.npy', masks)
 
 
-def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed=0,
-                shard_size=1000, workers=None):
-    """Generate the shapes dataset under `root` unless it is already there (meta.json
-    matches the parameters). Layout:
+def make_shapes(root=None, n_train=10000, n_val=1500, image_size=64, seed=0,
+                shard_size=1000, workers=None, style='colour'):
+    """Generate the shapes dataset of a style (SHAPES_STYLES) under `root` (default: shapes_root(style))
+    unless it is already there (meta.json matches the parameters). Layout:
         root/shards/train-000000.tar ...  webdataset shards (img2dataset layout + .cls)
         root/train/00_red_circle/000000000.jpg ...  ImageFolder, same images as the shards
         root/val/00_red_circle/000000000.jpg ...    held-out split (different seed stream)
@@ -232,9 +327,12 @@ def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed
                                                      pixel covered by a shape (0-255)
         root/meta.json                               parameters, written last
     Returns a summary dict (paths, counts, classnames, bytes, seconds, generated)."""
-    root = Path(root)
+    root = Path(root or shapes_root(style))
+    classnames = shapes_task(style)['classnames']
     params = dict(version=SHAPES_VERSION, seed=seed, n_train=n_train, n_val=n_val,
-                  image_size=image_size, shard_size=shard_size, classnames=SHAPES_CLASSNAMES)
+                  image_size=image_size, shard_size=shard_size, classnames=classnames)
+    if style != 'colour':  # the default's meta.json stays as it was: its data is not generated again
+        params.update(style=style, style_version=STYLES_VERSION)
     t0 = time.time()
     meta_file = root / 'meta.json'
 
@@ -255,15 +353,15 @@ def make_shapes(root=SHAPES_ROOT, n_train=10000, n_val=1500, image_size=64, seed
                 tmp = root.with_name(root.name + '.tmp')
                 shutil.rmtree(tmp, ignore_errors=True)
                 with mp.Pool(workers or os.cpu_count()) as pool:
-                    _write_shapes(tmp, pool, n_train, n_val, image_size, seed, shard_size)
+                    _write_shapes(tmp, pool, n_train, n_val, image_size, seed, shard_size, style)
                 n_shards = math.ceil(n_train / shard_size)
                 (tmp / 'meta.json').write_text(json.dumps(dict(params=params, n_shards=n_shards), indent=1))
                 shutil.rmtree(root, ignore_errors=True)
                 tmp.rename(root)
     paths = shapes_paths(root)
     nbytes = sum(f.stat().st_size for f in root.rglob('*') if f.is_file())
-    return dict(paths, n_train=n_train, n_val=n_val, n_classes=len(SHAPES_CLASSNAMES),
-                classnames=SHAPES_CLASSNAMES, image_size=image_size, bytes=nbytes,
+    return dict(paths, n_train=n_train, n_val=n_val, n_classes=len(classnames), style=style,
+                classnames=classnames, image_size=image_size, bytes=nbytes,
                 seconds=time.time() - t0, generated=generated)
 
 
@@ -630,7 +728,8 @@ def memory_loader(urls, transform, tokenizer, batch_size, num_samples=None, seed
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description='Generate the built-in shapes dataset.')
-    parser.add_argument('--root', default=SHAPES_ROOT)
+    parser.add_argument('--style', default='colour', choices=SHAPES_STYLES)
+    parser.add_argument('--root', default=None, help='default: data/shapes (colour), data/shapes-<style> else')
     parser.add_argument('--n-train', type=int, default=10000)
     parser.add_argument('--n-val', type=int, default=1500)
     parser.add_argument('--image-size', type=int, default=64)
@@ -638,7 +737,8 @@ if __name__ == '__main__':
     parser.add_argument('--shard-size', type=int, default=1000)
     parser.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     args = parser.parse_args()
-    s = make_shapes(args.root, args.n_train, args.n_val, args.image_size, args.seed, args.shard_size, args.workers)
+    s = make_shapes(args.root, args.n_train, args.n_val, args.image_size, args.seed, args.shard_size, args.workers,
+                    args.style)
     print(f"{'generated' if s['generated'] else 'already up to date'}: {s['root']} "
           f"({s['bytes'] / 1e6:.1f} MB, {s['seconds']:.1f} s)")
     print(f"  {s['n_train']} train + {s['n_val']} val images, {s['image_size']}x{s['image_size']} px, "

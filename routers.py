@@ -3,6 +3,8 @@ Research beside the paper's model: pooling rules that read the image, and a rout
 where to cut by REINFORCE. model.py stays the paper's DTP-ViT; this file subclasses it, as tome.py
 patches it, and a config selects it with boundary='router', 'color' or 'cosine'.
 
+    python routers.py --style clutter   # how well each rule's cue marks object edges (edge_cues)
+
     image -> embed -> pre-layers                                  (model.py, unchanged)
       -> boundary rule, one of:
            'color'   no weights: cut where the mean colour of neighbouring patches changes most
@@ -43,8 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (DTPConfig, DTPViT, boundary_aux, float32_call, join, pool_segments, segment_ids,
-                   topk_boundaries)
+from model import (DTPConfig, DTPViT, boundary_aux, fixed_boundaries, float32_call, join, pool_segments,
+                   segment_ids, topk_boundaries)
 
 RULES = ('router', 'color', 'cosine')
 LEARNED_ONLY = ('min_segment', 'color_prior', 'noise', 'distortion_weight', 'lr_scale')  # 'router' settings
@@ -263,3 +265,85 @@ class RouterViT(DTPViT):
         if packing is not None:
             bias = bias.masked_fill(~packing.attn_mask[:, 0, 0, 1:], float('-inf'))
         return F.pad(bias, (1, 0), value=0.0)[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# What each rule reads: how well its cue marks the objects' edges on the built-in shapes data
+
+def edge_auc(scores, edges):
+    """The area under the ROC curve of scores (n,) for telling edges (n,) bool from the rest: the chance that
+    a random object edge scores above a random other neighbour pair (ties count half); 0.5 is no signal."""
+    pos, neg = scores[edges].float(), scores[~edges].float()
+    if not len(pos) or not len(neg):
+        return float('nan')
+    wins = sum(((p[:, None] > neg).sum() + 0.5 * (p[:, None] == neg).sum()).item() for p in pos.split(1024))
+    return wins / (len(pos) * len(neg))
+
+
+@torch.no_grad()
+def edge_cues(images, objects, cfg, checkpoint=None, seed=0):
+    """{cue: (AUC, share of object edges cut)} on images (B, 3, H, W) whose object patches (B, N) are known.
+    An object edge is a neighbour pair of the patch sequence (raster order) with one patch on an object and
+    the other not; a cue scores each pair, and its rule takes the k = round(N / compression) best (as
+    RouterViT.best_cuts). Cues: the pixels' colour change ('color'), the feature cosine change after the
+    pre-layers of a tower at initialisation ('cosine', torch seed `seed`), and evenly spaced cuts ('fixed',
+    no scores). A trained tower (checkpoint: an nn.Module, DTPViT or RouterViT) adds its own logits and cuts."""
+    edges = (objects[:, 1:] != objects[:, :-1]).flatten()
+    rows = {}
+    for rule in ('color', 'cosine'):
+        torch.manual_seed(seed)
+        tower = RouterViT(RouterConfig(**{**vars(cfg), 'boundary': rule})).eval()
+        x = tower.embed(images)
+        for block in tower.transformer.resblocks[:cfg.pre_layers]:
+            x = block(x)
+        scores = tower.scores(x[:, 1:], images)
+        rows[rule] = (edge_auc(scores[:, :-1].flatten(), edges), tower.best_cuts(scores))
+    rows['fixed'] = (float('nan'), fixed_boundaries(len(images), cfg.n_patches, cfg.n_segments))
+    if checkpoint is not None:
+        _, aux = checkpoint.eval()(images)
+        logits = aux.get('boundary_logits')
+        auc = float('nan') if logits is None else edge_auc(logits[:, :-1].flatten(), edges)
+        rows['checkpoint'] = (auc, aux['boundaries'])
+    return {name: (auc, (b[:, :-1].flatten()[edges] > 0).float().mean().item()) for name, (auc, b) in rows.items()}
+
+
+def main():
+    import argparse
+    import open_clip
+    import data
+    parser = argparse.ArgumentParser(description="How well each rule's cue marks the objects' edges on a built-in "
+                                                 "shapes style: AUC over neighbour pairs, share of object edges cut.")
+    parser.add_argument('--style', default='colour', choices=data.SHAPES_STYLES)
+    parser.add_argument('--compression', type=float, default=4.0)
+    parser.add_argument('--images', type=int, default=600, help='val images, evenly spread over the classes')
+    parser.add_argument('--checkpoint', help="also a trained run's tower (train_clip.py or train_cls.py ckpt.pt)")
+    parser.add_argument('--seed', type=int, default=0, help="torch seed of the towers at initialisation")
+    args = parser.parse_args()
+    # the demo's tower (train_clip.py's defaults): 48 px, 8 px patches, two full-length blocks
+    cfg = RouterConfig(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128, pre_layers=2, short_layers=4,
+                       compression=args.compression)
+    tower = None
+    if args.checkpoint:
+        import flops
+        tower = flops.load_tower(args.checkpoint, 'ViT-B-32', None, None, None)[0]
+        cfg = RouterConfig(**{**vars(cfg), **{k: getattr(tower.cfg, k) for k in (
+            'image_size', 'patch_size', 'width', 'heads', 'pre_layers', 'compression')}})
+    paths = data.shapes_paths(data.make_shapes(style=args.style)['root'])['val']
+    samples = sorted(p for p in data.Path(paths).rglob('*.jpg'))
+    samples = [samples[i] for i in torch.linspace(0, len(samples) - 1, min(args.images, len(samples))).long()]
+    transform = open_clip.image_transform(cfg.image_size, is_train=False)
+    images = torch.stack([transform(data.load_image(p)) for p in samples])
+    objects = data.shapes_object_patches(samples, transform, cfg.patch_size)
+    cues = edge_cues(images, objects, cfg, tower, args.seed)
+    n_edges = (objects[:, 1:] != objects[:, :-1]).sum().item()
+    print(f"shapes_style={args.style!r}: {len(samples)} val images, {cfg.n_patches} patches, "
+          f"{n_edges / len(samples):.1f} object edges per image, {cfg.compression:g}x ({cfg.n_segments} segments)")
+    names = dict(color='colour change of the pixels', cosine='feature cosine change at init',
+                 fixed='evenly spaced (no cue)', checkpoint=f'{args.checkpoint}')
+    print(f"| cue | AUC | object edges cut at {cfg.compression:g}x |\n|---|---|---|")
+    for name, (auc, cut) in cues.items():
+        print(f"| {names[name]} | {'-' if auc != auc else f'{auc:.2f}'} | {100 * cut:.0f}% |")
+
+
+if __name__ == '__main__':
+    main()

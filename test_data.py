@@ -486,3 +486,81 @@ def test_a_shard_cut_short_counts_its_lost_samples(shapes, tokenizer, tmp_path, 
     n = sum(len(b[0]) for b in loader)
     assert 0 < n < 20 and loader.skipped() == 50 - n  # the missing ones and the one cut in half
     assert re.search(r'x0\.tar: \d+ of its 50 samples missing', caplog.text)
+
+
+# Styles of the shapes data --------------------------------------------------------------------------
+
+def components(mask):
+    """The number of 4-connected regions of a bool (H, W) array (a flood fill: numpy has no labelling)."""
+    seen, n = np.zeros_like(mask), 0
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        n, stack = n + 1, [start]
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            for q in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= q[0] < mask.shape[0] and 0 <= q[1] < mask.shape[1] and mask[q] and not seen[q]:
+                    seen[q] = True
+                    stack.append(q)
+    return n
+
+
+def test_the_colour_style_draws_what_the_generator_drew_before_styles():
+    """The default style is the data every recorded number was measured on: the same random stream, so the
+    same captions (a pure function of it) as the generator before 'clutter' and 'count' were added."""
+    captions = ''.join(data._render(i, 0, 1, 32)[1] for i in range(30))
+    assert hashlib.sha1(captions.encode()).hexdigest() == 'a0b7539aebde64025f7a8cb2554681a2b727b40d'
+    assert data._render(7, 0, 1, 32)[1] == data._render(7, 0, 1, 32, style='colour')[1]
+
+
+@pytest.mark.parametrize('style', data.SHAPES_STYLES)
+def test_every_style_has_its_own_folder_labels_and_prompts(tmp_path, monkeypatch, style):
+    monkeypatch.setattr(data, 'SHAPES_ROOT', str(tmp_path / 'shapes'))
+    assert data.shapes_root(style) == str(tmp_path / 'shapes') + ('' if style == 'colour' else f'-{style}')
+    task = data.shapes_task(style)
+    s = data.make_shapes(workers=1, style=style, **dict(SMALL, n_train=32))
+    assert s['root'] == data.shapes_root(style) and s['classnames'] == task['classnames']
+    folder = ImageFolder(s['val'])
+    assert [c.split('_', 1)[1].replace('_', ' ') for c in folder.classes] == task['classnames']
+    assert torch.bincount(torch.tensor(folder.targets)).tolist() == [60 // len(folder.classes)] * len(folder.classes)
+    # every prompt names its class once; the shards' captions carry the labels' class names
+    assert all(t(c).count(c) == 1 for t in task['templates'] for c in task['classnames'])
+    for sample in read_shard(data.expand_urls(s['shards'])[0]).values():
+        assert task['classnames'][int(sample['cls'])] in sample['txt'].decode()
+    with pytest.raises(ValueError, match=r"shapes_style='texture': expected one of"):
+        data.shapes_task('texture')
+
+
+def test_count_scenes_hold_as_many_separate_shapes_as_their_label_and_caption_say():
+    listed = []
+    for i in range(60):
+        jpg, caption, label, mask = data._render(i, 0, 1, 64, style='count')
+        assert label == i % 6
+        # the exact mask: label + 1 shapes, none touching another
+        assert components(mask > 0) == label + 1, (i, caption)
+        assert re.search(rf'\b{data.COUNT_CLASSNAMES[label]}(:| on a |\.$)', caption), caption
+        listed.append(': ' in caption)
+        if ': ' in caption:  # the list, when there is one, names each shape
+            names = caption.split(': ', 1)[1].split(' on a ')[0].rstrip('.').replace(' and ', ', ').split(', ')
+            assert len(names) == label + 1 and all(n[2:] in data.SHAPES_CLASSNAMES for n in names), caption
+    assert 0.3 < np.mean(listed) < 0.7  # half the captions list the shapes
+
+
+def test_clutter_puts_strong_colour_changes_all_over_the_background_and_keeps_the_mask_on_the_shapes():
+    """'clutter' changes what surrounds the shapes, not what they are: the mask holds the shapes alone (the
+    labelled one mostly in its own colour), and the background is a grey mosaic whose brightness varies far
+    more than the default's backgrounds do, while staying grey."""
+    spread = {style: [] for style in ('colour', 'clutter')}
+    for i in range(0, 60, 2):
+        for style in spread:
+            jpg, caption, label, mask = data._render(i, 0, 1, 64, style=style)
+            rgb = np.asarray(Image.open(io.BytesIO(jpg)).convert('RGB')).astype(float)
+            background = rgb[mask == 0]
+            assert np.percentile(background.max(-1) - background.min(-1), 90) < 40, (style, i)  # grey
+            spread[style].append(background.mean(-1).std())
+            near = {name: (np.linalg.norm(rgb[mask == 255] - c, axis=-1) < 60).mean() for name, c in data.COLOURS.items()}
+            # the labelled shape is the largest thing in the mask: its colour is the mask's commonest
+            assert max(near, key=near.get) == data.SHAPES_CLASSNAMES[label].split(' ')[0], (style, i)
+    assert np.mean(spread['clutter']) > 2 * np.mean(spread['colour'])

@@ -346,6 +346,29 @@ def test_fixed_pooling_cuts_n_over_r_rounded_half_up_even_segments(n, compressio
     assert sizes.max() - sizes.min() <= 1
 
 
+def test_fixed_boundaries_are_made_on_the_device_asked_for():
+    """Built where the model runs (a GPU's boundaries on the CPU would fail in pooling): the meta device shows it
+    without a GPU."""
+    assert M.fixed_boundaries(2, 36, 9, device='meta').device.type == 'meta'
+    assert M.fixed_boundaries(2, 36, 9).device.type == 'cpu'
+
+
+def test_gumbel_sigmoid_draws_bernoulli_with_logistic_noise_and_the_straight_through_gradient():
+    """hard = 1 exactly where logits + logit(u) > 0 for the u that torch.rand_like draws, and the gradient is
+    that of sigmoid((logits + logit(u)) / temperature): sigma' / temperature."""
+    logits = torch.linspace(-3, 3, 200).reshape(4, 50).requires_grad_()
+    for temperature in (0.5, 2.0):
+        torch.manual_seed(0)
+        u = torch.rand_like(logits)
+        torch.manual_seed(0)
+        b = M.gumbel_sigmoid(logits, temperature)
+        z = logits.detach() + torch.log(u) - torch.log1p(-u)
+        assert torch.equal(b.detach(), (z > 0).float())
+        grad, = torch.autograd.grad(b.sum(), logits)
+        s = torch.sigmoid(z / temperature)
+        assert torch.allclose(grad, s * (1 - s) / temperature, atol=1e-6)
+
+
 def test_fixed_mode_in_the_model():
     vit = DTPViT(DTPConfig(boundary='fixed', compression=4)).eval()  # ViT-B-32: 49 patches
     with torch.no_grad():

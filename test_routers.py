@@ -439,3 +439,54 @@ def test_the_segment_length_bound_applies_to_the_learned_router_only():
     RouterConfig(boundary='cosine', compression=2)  # 25 segments of 49: only the learned router keeps a minimum
     with pytest.raises(ValueError, match='cannot all be sure to get 2'):
         RouterConfig(compression=2)
+
+
+# What each rule reads (edge_cues, python routers.py) -------------------------------------------------
+
+def test_edge_auc_is_the_chance_that_an_edge_outscores_a_non_edge():
+    torch.manual_seed(0)
+    scores, edges = torch.randint(0, 5, (300,)).float(), torch.rand(300) < 0.3  # many ties
+    pos, neg = scores[edges], scores[~edges]
+    by_hand = sum((p > n) + 0.5 * (p == n) for p in pos.tolist() for n in neg.tolist()) / (len(pos) * len(neg))
+    assert R.edge_auc(scores, edges) == pytest.approx(by_hand, abs=1e-12)
+    assert R.edge_auc(edges.float(), edges) == 1.0 and R.edge_auc(-edges.float(), edges) == 0.0
+    assert R.edge_auc(torch.zeros(300), edges) == 0.5
+
+
+def demo_view(style, n):
+    """n val images of a shapes style as the demo's tower sees them (48 px, 8 px patches), with their object patches."""
+    import io
+    import open_clip
+    from PIL import Image
+    import data
+    transform = open_clip.image_transform(48, is_train=False)
+    mean, std = open_clip.OPENAI_DATASET_MEAN[0], open_clip.OPENAI_DATASET_STD[0]
+    images, objects = [], []
+    for i in range(n):
+        jpg, _, _, mask = data._render(7 * i, 0, 1, 64, style)
+        images.append(transform(Image.open(io.BytesIO(jpg)).convert('RGB')))
+        share = transform(Image.fromarray(mask).convert('RGB'))[0] * std + mean  # as data.shapes_object_patches
+        objects.append(F.avg_pool2d(share[None, None], 8).flatten() >= 1 / 3)
+    return torch.stack(images), torch.stack(objects)
+
+
+def test_the_colour_cue_marks_object_edges_in_the_colour_style_only():
+    """The default data hands a pooling rule its objects' edges through the colour change alone; 'clutter' takes
+    that away (its mosaic changes colour everywhere), and 'count' keeps it. Evenly spaced cuts read nothing."""
+    cfg = RouterConfig(image_size=48, patch_size=8, width=128, heads=4, embed_dim=128, pre_layers=2, short_layers=4)
+    cues = {style: R.edge_cues(*demo_view(style, 120), cfg) for style in ('colour', 'clutter', 'count')}
+    for style in cues:
+        assert cues[style]['fixed'][1] == pytest.approx(8 / 35, abs=0.08)  # 8 cuts of 35 pairs, wherever edges are
+    assert cues['colour']['color'][0] > 0.9 and cues['colour']['color'][1] > 0.8
+    assert cues['count']['color'][0] > 0.8
+    assert cues['clutter']['color'][0] < 0.75 and cues['clutter']['color'][1] < 0.5
+    assert cues['clutter']['cosine'][0] < cues['colour']['cosine'][0]
+
+
+def test_routers_cli_prints_each_cue_on_a_style(monkeypatch, capsys):
+    monkeypatch.setattr('sys.argv', ['routers.py', '--style', 'colour', '--images', '60'])
+    R.main()
+    out = capsys.readouterr().out
+    assert "shapes_style='colour': 60 val images, 36 patches" in out and '4x (9 segments)' in out
+    rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:] for line in out.splitlines() if line.startswith('| ')}
+    assert float(rows['colour change of the pixels'][0]) > 0.9 and rows['evenly spaced (no cue)'][0] == '-'

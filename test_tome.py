@@ -97,6 +97,22 @@ def test_known_merge_on_a_hand_made_input():
     assert tome.new_positions(6, kept, src, dst).tolist() == [[0, 2, 1, 3, 3, 4]]
 
 
+def test_matching_is_by_cosine_similarity_whatever_the_keys_norms():
+    """Each A token goes to the B token of highest cosine similarity, and the r best pairs merge: against a
+    brute-force reference, on keys whose norms differ by 100x (a dot product would pick other pairs)."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 17, 8, generator=g) * torch.logspace(-1, 1, 17)[torch.randperm(17, generator=g)][:, None]
+    kept, src, dst = tome.bipartite_soft_matching(keys, 4)
+    for i in range(3):
+        a, b = keys[i, ::2], keys[i, 1::2]
+        cos = torch.nn.functional.cosine_similarity(a[:, None], b[None], dim=-1)
+        cos[0] = -2  # [CLS]
+        best, best_b = cos.max(1)
+        order = best.argsort(descending=True)
+        assert src[i].tolist() == order[:4].tolist() and dst[i].tolist() == best_b[order[:4]].tolist()
+        assert kept[i].tolist() == sorted(order[4:].tolist())
+
+
 def test_cls_is_never_merged_even_at_the_largest_r():
     vit = tiny_vit()
     with torch.no_grad():

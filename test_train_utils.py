@@ -289,6 +289,7 @@ SETTINGS = dict(out_dir='out', vision=None, text=None, pre_layers=2, short_layer
     (dict(workers=-1), r'workers=-1: must be >= 0'),
     (dict(label_smoothing=1.5), r'label_smoothing=1.5: must be between 0 and 1'),
     (dict(imagenet_val=5), r'imagenet_val=5: expected the path'),
+    (dict(shapes_style='texture'), r"shapes_style='texture': expected one of \('colour', 'clutter', 'count'\)"),
     (dict(vision={'image_size': '48'}), r"vision\['image_size'\]='48' is a str, expected a int"),
     (dict(text={'layers': 2.5}), r"text\['layers'\]=2.5 is a float, expected a int"),
 ])

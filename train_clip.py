@@ -45,6 +45,7 @@ eval_interval = 0           # steps between zero-shot evaluations, from step 0 (
 ckpt_interval = 250         # steps between checkpoints (and one at the end)
 # data
 train_data = 'shapes'       # 'shapes' (built-in, generated on first use) or a webdataset pattern of shards
+shapes_style = 'colour'     # the built-in data's style: 'colour', 'clutter' or 'count' (data.py)
 train_num_samples = 0       # samples per epoch of webdataset shards (required); for 'shapes', its first N (0: all)
 imagenet_val = None         # ImageNet val folder (one sub-folder per class) for zero-shot evaluation
 workers = 2                 # dataloader processes per GPU (shards and eval; 'shapes' trains from memory)
@@ -91,7 +92,7 @@ log = make_logger(log_file, master)
 # data ------------------------------------------------------------------------------------------
 use_shapes = train_data == 'shapes'
 if use_shapes:
-    shapes = shapes_data(master, world_size)
+    shapes = shapes_data(master, world_size, shapes_style)
     train_data = shapes['shards']
 elif not eval_only:
     if not train_num_samples:
@@ -107,7 +108,7 @@ torch.manual_seed(seed)  # the same initial weights on every rank
 # (the batches skipped to reach its position); ToMe's settings may change only for evaluation (a plain
 # run's model evaluated with ToMe, training-free)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['batch_size'] + (
-    [] if eval_only else ['seed', 'train_data', 'train_num_samples', 'tome_r', 'tome_cost']),
+    [] if eval_only else ['seed', 'train_data', 'shapes_style', 'train_num_samples', 'tome_r', 'tome_cost']),
     world_size=None if eval_only else world_size)
 if ckpt is not None:
     clip.load_state_dict(ckpt['model'])
@@ -126,8 +127,8 @@ if imagenet_val:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'imagenet_val={imagenet_val!r}: {e}')
 elif use_shapes:
-    val_root, val_split, classnames, templates = shapes['root'], 'val', data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
-    class_groups = data.SHAPES_GROUPS
+    val_root, val_split, classnames, templates = shapes['root'], 'val', shapes['classnames'], shapes['templates']
+    class_groups = shapes['groups']
 else:
     val_root = None
 val_loader = (data.folder_loader(val_root, val_split, val_transform, batch_size, workers=workers)

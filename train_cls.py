@@ -47,6 +47,7 @@ log_interval = 10           # steps between log lines
 ckpt_interval = 250         # steps between checkpoints (and one at the end); evaluation is per epoch
 # data
 data_dir = 'shapes'         # 'shapes' (built-in, generated on first use) or an ImageNet root with train/ and val/
+shapes_style = 'colour'     # the built-in data's style: 'colour', 'clutter' or 'count' (data.py)
 workers = 0                 # dataloader processes per GPU (0 for the demo: on 2 cores, workers slow the model)
 # model: an OpenCLIP architecture, resized by the two dicts for the demo (as in train_clip.py)
 arch = 'ViT-B-32'           # OpenCLIP config name
@@ -97,8 +98,8 @@ log = make_logger(log_file, master)
 
 # data: two ImageFolders; a missing or malformed one fails here, with the layout it expects ------
 if data_dir == 'shapes':
-    data_root = shapes_data(master, world_size)['root']
-    classnames, templates = data.SHAPES_CLASSNAMES, data.SHAPES_TEMPLATES
+    shapes = shapes_data(master, world_size, shapes_style)
+    data_root, classnames, templates = shapes['root'], shapes['classnames'], shapes['templates']
 else:
     data_root = data_dir
     classnames, templates = zero_shot_metadata.IMAGENET_CLASSNAMES, zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
@@ -127,7 +128,7 @@ torch.manual_seed(seed)  # the same initial head and predictor in every run with
 # (ToMe's settings may change only for evaluation, as in train_clip.py)
 clip, model_args, ckpt = init_model(config, ckpt_path, resume_keys=['freeze_backbone', 'backbone_lr_scale',
                                                                      'batch_size'] + (
-                                        [] if eval_only else ['tome_r', 'tome_cost']),
+                                        [] if eval_only else ['shapes_style', 'tome_r', 'tome_cost']),
                                     world_size=None if eval_only else world_size)
 if ckpt is not None and ckpt.get('classes', train_set.classes) != train_set.classes:  # another head, or worse, other labels
     raise SystemExit(f"init_from='resume': {data_root}/train has {len(train_set.classes)} class folders "
@@ -200,7 +201,7 @@ def validate():
     m.eval()
     before = val_loader.dataset.skipped.value  # a running count; the picture below reads a batch again
     result = evaluate(m, val_loader, device, precision, object_patches,
-                      data.SHAPES_GROUPS if data_dir == 'shapes' else None)
+                      shapes['groups'] if data_dir == 'shapes' else None)
     skipped = val_loader.dataset.skipped.value - before  # unreadable val images this evaluation skipped
     if m.visual.cfg.boundary != 'none':
         save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), m.visual, val_loader, device, precision)

@@ -560,7 +560,8 @@ def test_clutter_puts_strong_colour_changes_all_over_the_background_and_keeps_th
             background = rgb[mask == 0]
             assert np.percentile(background.max(-1) - background.min(-1), 90) < 40, (style, i)  # grey
             spread[style].append(background.mean(-1).std())
-            near = {name: (np.linalg.norm(rgb[mask == 255] - c, axis=-1) < 60).mean() for name, c in data.COLOURS.items()}
+            near = {name: (np.linalg.norm(rgb[mask == 255] - c, axis=-1) < 60).mean()
+                    for name, c in data.COLOURS.items()}
             # the labelled shape is the largest thing in the mask: its colour is the mask's commonest
             assert max(near, key=near.get) == data.SHAPES_CLASSNAMES[label].split(' ')[0], (style, i)
     assert np.mean(spread['clutter']) > 2 * np.mean(spread['colour'])

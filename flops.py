@@ -365,20 +365,27 @@ def checkpoint_rows(args, device):
     transform = open_clip.image_transform(cfg.image_size, is_train=False)
     # On the shapes val images the objects are known: also measure how well segments follow them.
     objects = data.shapes_object_patches(paths, transform, cfg.patch_size)
+
+    def batches(unreadable):
+        """(images, their indices in paths) per batch; the files that do not decode skipped, into unreadable."""
+        for i in range(0, len(paths), args.batch_size):
+            images, kept = [], []
+            for j, p in enumerate(paths[i:i + args.batch_size], start=i):
+                try:
+                    images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
+                    kept.append(j)
+                except Exception as e:  # any file that does not decode, as data.SkippingImageFolder skips in training
+                    unreadable.append(f'{p} ({type(e).__name__})')
+            if images:
+                yield torch.stack(images).to(device), kept
+
+    if cfg.eval_boundaries == 'threshold' and hasattr(tower, 'calibrate'):  # routers.py's router: as evaluation
+        tower.calibrate(images for images, _ in batches([]))  # in the training scripts, calibrated on these images
     quality = defaultdict(float)
     segments, padded = [], []  # per image: its segment count, and its batch's maximum
     unreadable = []  # skipped and counted, as training does
-    for i in range(0, len(paths), args.batch_size):
-        images, kept = [], []
-        for j, p in enumerate(paths[i:i + args.batch_size], start=i):
-            try:
-                images.append(transform(data.load_image(p)))  # as training decodes them (16-bit PNGs included)
-                kept.append(j)
-            except Exception as e:  # any file that does not decode, as data.SkippingImageFolder skips in training
-                unreadable.append(f'{p} ({type(e).__name__})')
-        if not images:
-            continue
-        _, aux = tower(torch.stack(images).to(device))
+    for images, kept in batches(unreadable):
+        _, aux = tower(images)
         counts = aux['n_segments'].tolist()
         segments += counts
         padded += [max(counts)] * len(counts)

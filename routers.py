@@ -25,7 +25,8 @@ patches it, and a config selects it with boundary='router', 'color' or 'cosine'.
 
 What it changes in model.py's DTPViT:
 - the boundaries: every rule cuts exactly k segments per image, in training too (so nothing is
-  padded), and top-k evaluation takes the k best cuts (min_segment apart for 'router');
+  padded), and top-k evaluation takes the k best cuts (min_segment apart for 'router'); 'router' can
+  also evaluate with a count per image (eval_boundaries='threshold': calibrate, threshold_cuts);
 - 'router' only: its predictor reads 2 x width features (the patch and the absolute change of each
   feature to the next patch) and never sends a gradient into the backbone; its last layer starts at
   zero, so it starts as the colour rule when color_prior > 0 (else with uniform draws); the pooled
@@ -66,9 +67,6 @@ class RouterConfig(DTPConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.eval_boundaries != 'topk':
-            raise ValueError(f"RouterConfig.eval_boundaries={self.eval_boundaries!r}: routers.py's rules cut "
-                             f"the k = round(N / compression) best places of every image (eval_boundaries='topk')")
         for name in ('noise', 'lr_scale'):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RouterConfig.{name}={getattr(self, name)}: must be > 0")
@@ -114,6 +112,24 @@ def spaced_cuts(logits, k, min_len, noise=None, eps=1e-6):
     return hard, log_prob
 
 
+def threshold_cuts(logits, threshold, min_len):
+    """Evaluation with a count per image: every place whose logit is above threshold, the best first, each
+    at least min_len from the cuts before it and from both ends (as spaced_cuts); the last patch closes a
+    segment. An image with many strong places gets more segments, a plain one fewer. (B, N) 0/1."""
+    B, N = logits.shape
+    scores = logits[:, :-1]
+    t = torch.arange(N - 1, device=logits.device)
+    allowed = (t >= min_len - 1) & (t <= N - 1 - min_len) & (scores > threshold)
+    hard = torch.zeros_like(logits)
+    while allowed.any():
+        pick = scores.masked_fill(~allowed, float('-inf')).argmax(dim=1, keepdim=True)
+        took = allowed.any(dim=1, keepdim=True)                     # a row with nothing left adds nothing
+        hard[:, :-1].scatter_add_(1, pick, took.to(hard.dtype))
+        allowed &= (t - pick).abs() >= min_len
+    hard[:, -1] = 1.0
+    return hard
+
+
 def pooling_distortion(x, b, pooled):
     """(B,): the share of the patches' variance (about their image's mean) that replacing each patch of
     x (B, N, D) by the mean of its segment (pooled, from pool_segments over the cuts b) throws away: 0
@@ -157,6 +173,7 @@ class Biased:
 
 class RouterViT(DTPViT):
     config_class = RouterConfig
+    cut_threshold = None  # eval_boundaries='threshold': set by calibrate
 
     def boundary_predictor(self, reads):
         """The router's predictor, built where model.py builds its own, and its extent embeddings."""
@@ -176,11 +193,8 @@ class RouterViT(DTPViT):
         """As DTPViT.forward. Training 'router' (without given boundaries), aux also holds
         boundary_log_prob (B,) of the sampled cuts, greedy_features (B, embed_dim): the images with the best
         cuts, without gradient, and pooling_distortion / greedy_distortion (B,) of both (reinforce_loss)."""
-        cfg, blocks = self.cfg, self.transformer.resblocks
-        x = self.embed(images)                                   # (B, 1 + N, D)
-        for block in blocks[:cfg.pre_layers]:
-            x = block(x)                                         # full length
-        scores = self.scores(x[:, 1:], images)                   # (B, N): where to cut
+        cfg = self.cfg
+        x, scores = self.cut_scores(images)
         sample = self.training and cfg.boundary == 'router' and boundaries is None
         if boundaries is not None:
             b, count = boundaries.to(device=x.device, dtype=torch.float32), None
@@ -188,6 +202,11 @@ class RouterViT(DTPViT):
         elif sample:
             b, log_prob = spaced_cuts(scores, cfg.n_segments, cfg.min_segment, cfg.noise)
             count = cfg.n_segments
+        elif cfg.eval_boundaries == 'threshold':  # 'router' in evaluation, a count per image
+            if self.cut_threshold is None:
+                raise RuntimeError("eval_boundaries='threshold': call calibrate(batches of images) first, which sets "
+                                   "the threshold that gives these images the target mean count")
+            b, count = threshold_cuts(scores, self.cut_threshold, cfg.min_segment), None
         else:
             b, count = self.best_cuts(scores), cfg.n_segments
         features, aux = self.shorten(x, b, count)
@@ -198,6 +217,34 @@ class RouterViT(DTPViT):
                 aux['greedy_features'], greedy = self.shorten(x, self.best_cuts(scores.detach()), count)
             aux.update(boundary_log_prob=log_prob, greedy_distortion=greedy['pooling_distortion'])
         return features, aux
+
+    def cut_scores(self, images):
+        """images -> the tokens after the full-length blocks (B, 1 + N, D) and the rule's scores (B, N)."""
+        x = self.embed(images)
+        for block in self.transformer.resblocks[:self.cfg.pre_layers]:
+            x = block(x)
+        return x, self.scores(x[:, 1:], images)
+
+    @torch.no_grad()
+    def calibrate(self, batches):
+        """eval_boundaries='threshold' ('router'): set cut_threshold, the logit above which evaluation cuts
+        (threshold_cuts), to the value that gives these images (an iterable of (B, 3, H, W) batches) the target
+        mean segment count round(N / compression), so that per-image counts cost what top-k costs on average.
+        The router is trained to choose k places, not how many, so its logits have no threshold of their own
+        (the paper's predictor has p > 0.5). Returns the threshold and the images' mean count."""
+        was_training = self.training
+        scores = torch.cat([self.eval().cut_scores(images)[1].float() for images in batches])
+        self.train(was_training)
+        m, k = self.cfg.min_segment, self.cfg.n_segments
+
+        def mean_count(threshold):
+            return threshold_cuts(scores, threshold, m).sum(1).mean().item()
+        lo, hi = scores.min().item() - 1, scores.max().item()  # every allowed cut, and none (one segment)
+        for _ in range(50):  # the mean count falls as the threshold rises: bisect to where it crosses k
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_count(mid) > k else (lo, mid)
+        self.cut_threshold = min((lo, hi), key=lambda t: (abs(mean_count(t) - k), mean_count(t)))
+        return self.cut_threshold, mean_count(self.cut_threshold)
 
     def scores(self, patches, images):
         """(B, N): the rule's score for closing a segment after each patch (the last patch closes one anyway)."""
@@ -292,11 +339,8 @@ def edge_cues(images, objects, cfg, checkpoint=None, seed=0):
     rows = {}
     for rule in ('color', 'cosine'):
         torch.manual_seed(seed)
-        tower = RouterViT(RouterConfig(**{**vars(cfg), 'boundary': rule})).eval()
-        x = tower.embed(images)
-        for block in tower.transformer.resblocks[:cfg.pre_layers]:
-            x = block(x)
-        scores = tower.scores(x[:, 1:], images)
+        tower = RouterViT(RouterConfig(**{**vars(cfg), 'boundary': rule, 'eval_boundaries': 'topk'})).eval()
+        scores = tower.cut_scores(images)[1]
         rows[rule] = (edge_auc(scores[:, :-1].flatten(), edges), tower.best_cuts(scores))
     rows['fixed'] = (float('nan'), fixed_boundaries(len(images), cfg.n_patches, cfg.n_segments))
     if checkpoint is not None:

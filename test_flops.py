@@ -326,6 +326,28 @@ def test_a_router_runs_checkpoint_compares_to_the_plain_vit(router_run):
         tiny_by_hand(4, short_layers=1, embed_dim=32, predictor=16 * (2 * 32 * 32 + 32)), rel=1e-12)
 
 
+def test_a_router_checkpoint_with_threshold_counts_costs_the_mean_of_its_images(router_run):
+    """--eval-boundaries threshold on a router run: the threshold is calibrated on the --data images to the target
+    mean count (4 segments of 16 patches), the images' counts differ, and the ideal MMACs are the mean of each
+    image's own (its count's closed form), which the padded batches exceed."""
+    proc = flops_cli('--checkpoint', router_run, '--data', data.shapes_paths()['val'], '--json',
+                     '--eval-boundaries', 'threshold')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, ideal, padded = json.loads(proc.stdout)
+    assert ideal['eval_boundaries'] == 'threshold' and ideal['ratio'] == pytest.approx(4.0, abs=0.01)
+    tower = flops.load_tower(router_run, 'ViT-B-32')[0].eval()
+    tower.cfg.eval_boundaries = 'threshold'
+    transform = open_clip.image_transform(32, is_train=False)
+    paths = sorted(Path(data.shapes_paths()['val']).rglob('*.jpg'))
+    images = torch.stack([transform(data.load_image(p)) for p in paths])
+    tower.calibrate([images])
+    with torch.no_grad():
+        counts = tower(images)[1]['n_segments'].tolist()
+    assert min(counts) < max(counts)
+    assert ideal['gmacs'] == pytest.approx(sum(flops.gmacs(tower.cfg, c) for c in counts) / len(counts), rel=1e-9)
+    assert padded['gmacs'] > ideal['gmacs']
+
+
 def test_checkpoint_batch_size_must_be_positive(router_run):
     """--batch-size 0 used to be taken for "not given" (32) silently; it is refused naming it."""
     proc = flops_cli('--batch-size', '0', '--checkpoint', router_run, '--data', data.shapes_paths()['val'])

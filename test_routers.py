@@ -416,12 +416,55 @@ def test_min_segment_in_the_tower_holds_in_evaluation_and_in_the_samples():
     assert torch.isfinite(train_aux['boundary_log_prob']).all()
 
 
+def threshold_cuts_by_hand(row, threshold, m):
+    """threshold_cuts of one image, by hand: the places above threshold, best first, each taken if it leaves m
+    patches to both ends and no cut taken so far lies within m - 1 of it; the last patch always closes."""
+    n, cuts = len(row), []
+    for t in sorted(range(n - 1), key=lambda t: -row[t]):
+        if row[t] > threshold and m - 1 <= t <= n - 1 - m and all(abs(t - c) >= m for c in cuts):
+            cuts.append(t)
+    return sorted(cuts) + [n - 1]
+
+
+@pytest.mark.parametrize('m', [1, 2, 3])
+def test_threshold_cuts_take_every_place_above_the_threshold_best_first_and_spaced(m):
+    torch.manual_seed(0)
+    logits = torch.randn(30, 25)
+    for threshold in (-1.0, 0.0, 0.8, 1.6, 10.0):
+        b = R.threshold_cuts(logits, threshold, m)
+        assert [row.nonzero().flatten().tolist() for row in b] == [
+            threshold_cuts_by_hand(row, threshold, m) for row in logits.tolist()]
+    counts = R.threshold_cuts(logits, 0.8, m).sum(1)
+    assert counts.min() < counts.max()  # a count per image
+
+
+def test_a_calibrated_threshold_gives_the_target_mean_count_and_each_image_its_own():
+    """eval_boundaries='threshold' for the router: refused until calibrated; calibrate sets the threshold at which the
+    images' mean count is the target (16 segments of 64 patches at 4x), each image keeps its own count (with
+    segments of at least min_segment), and an image's features do not depend on the batch it is padded in."""
+    torch.manual_seed(0)
+    vit = with_content(RouterViT(tiny(compression=4, min_segment=2, eval_boundaries='threshold'))).eval()
+    images = torch.randn(40, 3, 32, 32)
+    with pytest.raises(RuntimeError, match='calibrate'):
+        vit(images[:2])
+    threshold, mean = vit.calibrate(images.split(16))
+    assert threshold == vit.cut_threshold and mean == pytest.approx(16, abs=1 / 40)
+    with torch.no_grad():
+        features, aux = vit(images)
+        alone = torch.cat([vit(images[i:i + 1])[0] for i in range(40)])
+    assert aux['n_segments'].float().mean().item() == pytest.approx(mean)
+    sizes = aux['segment_sizes']
+    assert aux['n_segments'].min() < aux['n_segments'].max() and sizes[sizes > 0].min() >= 2  # 0: padding
+    assert torch.equal(aux['boundaries'], R.threshold_cuts(aux['boundary_logits'], threshold, 2))
+    assert (features - alone).abs().max() <= 1e-5
+    assert vit.train()(images)[1]['n_segments'].eq(16).all()  # training still samples exactly k
+
+
 # 5. settings ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('settings, message', [
     (dict(min_segment=0), 'must be >= 1'),
     (dict(min_segment=3, compression=3), 'cannot all be sure to get 3'),  # 16 segments of 3 in 49 patches
-    (dict(eval_boundaries='threshold'), "cut the k = round"),
     (dict(boundary='color', eval_boundaries='threshold'), 'needs a learned predictor'),
     (dict(noise=0.0), r'noise=0.0: must be > 0'),
     (dict(lr_scale=0.0), r'lr_scale=0.0: must be > 0'),

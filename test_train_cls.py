@@ -12,15 +12,19 @@ import torchvision
 
 import data
 from conftest import (check_distortion_weight, check_job_wide_sigterm_with_workers, check_reinforce_run,
-                      check_sigterm_loses_nothing, load_ckpt, records, run_script, train_records)
+                      check_sigterm_loses_nothing, load_ckpt, records, run_preloaded, run_script, train_records)
 from model import load_openclip
 from train_utils import cosine_lr
 
 TINY = 'config/shapes_cls_tiny.py'
 
 
-def run(*args, **kwargs):
-    return run_script('train_cls.py', *args, **kwargs)
+def run(*args, torchrun=False, **kwargs):
+    """train_cls.py with these arguments: as two torchrun ranks (run_script), or as one process forked from
+    conftest's preloaded server (run_preloaded: the same run, without a fresh interpreter's ~5 s of imports)."""
+    if torchrun:
+        return run_script('train_cls.py', *args, torchrun=True, **kwargs)
+    return run_preloaded('train_cls.py', *args, **kwargs)
 
 
 def openclip_checkpoint(tmp_path):
@@ -188,17 +192,27 @@ def test_frozen_backbone_trains_only_the_head_and_predictor(tmp_path, finetune_s
     assert [r for r in records(trained) if 'val_top1' in r][-1]['eval_compression'] == 4.0  # the predictor is used
 
 
+SCHEDULE = ['--lr_decay_steps=20', '--lr=1e-3']  # the 10-step run's: a 20-step schedule, which a resume continues
+
+
 @pytest.fixture(scope='module')
-def resumed(tmp_path_factory):
-    """A 10-step run's checkpoint (first), the one a resume with nothing left to do wrote (again), and
-    those of a resume to step 20 (final), with the log."""
-    out = str(tmp_path_factory.mktemp('resumed') / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3')
-    first = load_ckpt(out)
-    run(TINY, f'--out_dir={out}', '--max_steps=10', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    again = load_ckpt(out)
-    run(TINY, f'--out_dir={out}', '--max_steps=20', '--lr_decay_steps=20', '--lr=1e-3', '--init_from=resume')
-    return dict(first=first, again=again, final=load_ckpt(out), logged=records(out))
+def ten_steps(tmp_path_factory):
+    """The out_dir of a finished 10-step run (of a 20-step schedule): the run the resume tests continue, and the
+    checkpoint refused resumes must leave as it was. One run for all of them; each test works on a copy."""
+    out = str(tmp_path_factory.mktemp('ten') / 'run')
+    run(TINY, f'--out_dir={out}', '--max_steps=10', *SCHEDULE)
+    return out
+
+
+@pytest.fixture(scope='module')
+def resumed(tmp_path_factory, ten_steps):
+    """The 10-step run's checkpoint (first), the one a resume with nothing left to do wrote (again), and
+    those of a resume to step 20 (final), with the log (each resume on a copy of the run)."""
+    again, final = (str(tmp_path_factory.mktemp('resumed') / name) for name in ('again', 'final'))
+    for out, steps in ((again, 10), (final, 20)):
+        shutil.copytree(ten_steps, out)
+        run(TINY, f'--out_dir={out}', f'--max_steps={steps}', *SCHEDULE, '--init_from=resume')
+    return dict(first=load_ckpt(ten_steps), again=load_ckpt(again), final=load_ckpt(final), logged=records(final))
 
 
 def test_checkpoint_holds_the_training_state(resumed):
@@ -251,33 +265,37 @@ def test_missing_imagenet_fails_clearly(tmp_path):
 
 
 def test_zero_temperature_is_refused_up_front(tmp_path):
-    proc = run(TINY, f'--out_dir={tmp_path}', '--temperature=0', check=False)  # a NaN loss, once
+    """temperature=0 (a NaN loss, once) stops the run before it starts. Run by a fresh interpreter, python
+    train_cls.py, as a user runs it: the refusal is one line on stderr, no traceback (the other refusals here run
+    forked from conftest's preloaded server, which ends a script as the interpreter does)."""
+    proc = run_script('train_cls.py', TINY, f'--out_dir={tmp_path}', '--temperature=0', check=False)
     assert proc.returncode != 0 and 'temperature=0.0: must be > 0' in proc.stderr and 'Traceback' not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if 'config error' in line]
+    assert len(errors) == 1 and errors[0].startswith('config error: ')
 
 
 def test_sigterm_saves_the_last_step_and_the_resumed_run_loses_nothing(tmp_path):
-    check_sigterm_loses_nothing('train_cls.py', TINY, tmp_path)
+    check_sigterm_loses_nothing('train_cls.py', TINY, tmp_path, runner=run_preloaded)
 
 
 @pytest.mark.parametrize('router', [None, {'min_segment': 3}], ids=['defaults', 'min_segment_3'])
 def test_a_reinforce_run_trains_its_router_at_the_target_rate(tmp_path, router):
     """The default router (segments of at least 2 patches), and min_segment 3: the most the tiny run's 16 patches
     in 4 segments can be sure to give (judged on that geometry, not on 224 px, where it was refused)."""
-    check_reinforce_run('train_cls.py', TINY, tmp_path, steps=6, router=router)
+    check_reinforce_run('train_cls.py', TINY, tmp_path, steps=6, router=router, runner=run_preloaded)
 
 
 def test_the_distortion_weight_enters_the_routers_reward(tmp_path):
-    check_distortion_weight('train_cls.py', TINY, tmp_path)
+    check_distortion_weight('train_cls.py', TINY, tmp_path, runner=run_preloaded)
 
 
-def test_resume_is_bit_exact(tmp_path):
-    """Stopped at step 10 and resumed, a run ends with the weights of one that never stopped: the random
-    crops and the Gumbel noise after step 10 are the same draws."""
-    straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-    run(TINY, f'--out_dir={straight}', '--max_steps=20', '--lr_decay_steps=20')
-    run(TINY, f'--out_dir={resumed}', '--max_steps=10', '--lr_decay_steps=20')
-    run(TINY, f'--out_dir={resumed}', '--max_steps=20', '--lr_decay_steps=20', '--init_from=resume')
-    a, b = (load_ckpt(d)['model'] for d in (straight, resumed))
+def test_resume_is_bit_exact(tmp_path, resumed):
+    """Stopped at step 10 and resumed (resumed['final']), a run ends with the weights of one that never stopped:
+    the random crops and the Gumbel noise after step 10 are the same draws."""
+    straight = str(tmp_path / 'straight')
+    # a fresh interpreter: its own str hash seed and random states, which the forked runs share with their server
+    run_script('train_cls.py', TINY, f'--out_dir={straight}', '--max_steps=20', *SCHEDULE)
+    a, b = load_ckpt(straight)['model'], resumed['final']['model']
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -290,16 +308,16 @@ def test_divergence_never_saves_nan_weights(tmp_path):
     assert all(v.isfinite().all() for v in saved['model'].values())
 
 
-def test_no_silent_overwrite_and_no_conflicting_resume(tmp_path):
+def test_no_silent_overwrite_and_no_conflicting_resume(tmp_path, ten_steps):
     out = str(tmp_path / 'run')
-    run(TINY, f'--out_dir={out}', '--max_steps=4')
+    shutil.copytree(ten_steps, out)  # a finished 10-step run
     proc = run(TINY, f'--out_dir={out}', '--max_steps=3', check=False)
     assert proc.returncode != 0 and 'init_from=resume' in proc.stderr and 'new --out_dir' in proc.stderr
     for arg in ['--freeze_backbone=True', '--batch_size=16', '--short_layers=2']:
-        proc = run(TINY, f'--out_dir={out}', '--max_steps=8', '--init_from=resume', arg, check=False)
+        proc = run(TINY, f'--out_dir={out}', '--max_steps=20', '--init_from=resume', arg, check=False)
         assert proc.returncode != 0 and arg[2:].split('=')[0] + '=' in proc.stderr, arg
         assert 'Traceback' not in proc.stderr
-    assert load_ckpt(out)['step'] == 4
+    assert load_ckpt(out)['step'] == 10
 
 
 def test_resume_on_other_class_folders_is_refused(tmp_path):
@@ -353,7 +371,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
 
 def test_a_job_wide_sigterm_with_loader_workers_still_saves_the_last_step(tmp_path):
     """Two loader workers decoding the image folder, the signal reaching every process of the job."""
-    check_job_wide_sigterm_with_workers('train_cls.py', TINY, tmp_path)
+    check_job_wide_sigterm_with_workers('train_cls.py', TINY, tmp_path, runner=run_preloaded)
 
 
 @pytest.mark.parametrize('pooling, new_in_tower', [(['--boundary=gumbel'], 'visual.predictor.'),

@@ -26,12 +26,11 @@ from tqdm import tqdm
 import data
 import routers
 import tome
-from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
+from train_utils import (accumulate, autocast, calibrate_threshold, check_settings, config_keys, configure, cosine_lr,
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         shapes_data, step_seed, tome_patch, stop_if_not_finite, sync, together,
-                         unwrap, wrap_model)
+                         shapes_data, step_seed, tome_patch, stop_if_not_finite, sync, together, unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small CLIP with the paper's DTP-ViT at 4x, on the built-in shapes data at 48 px (~7 minutes
@@ -58,7 +57,7 @@ short_layers = 4            # blocks after pooling (None: the architecture's dep
 boundary = 'gumbel'         # 'gumbel' (the paper), 'fixed' or 'none' (plain ViT); routers.py: 'router', 'color', 'cosine'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
-eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
+eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5; routers.py: calibrated)
 pool = 'cls'                # image embedding: 'cls' token or 'mean' of the segments
 router = None               # routers.py's settings (RouterConfig fields) for its rules, e.g. dict(min_segment=2)
 tome_r = 0                  # ToMe (tome.py) on the plain ViT: tokens merged per block (0: off)
@@ -148,7 +147,8 @@ def zero_shot(step):
     def logits_fn(images):
         features, aux = model.visual(images)
         return torch.nn.functional.normalize(features, dim=-1) @ classifier.to(features.dtype), aux
-    result = evaluate(logits_fn, val_loader, device, precision, object_patches, class_groups)
+    threshold = calibrate_threshold(model.visual, val_loader, device, precision)
+    result = dict(evaluate(logits_fn, val_loader, device, precision, object_patches, class_groups), **threshold)
     save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), model.visual, val_loader, device, precision)
     model.train()
     gain = getattr(getattr(model.visual, 'predictor', None), 'color_gain', None)  # routers.py's learned router

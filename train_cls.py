@@ -29,12 +29,11 @@ import data
 import model as dtp_vit
 import routers
 import tome
-from train_utils import (accumulate, autocast, check_settings, config_keys, configure, cosine_lr,
+from train_utils import (accumulate, autocast, calibrate_threshold, check_settings, config_keys, configure, cosine_lr,
                          Preemption, divergence_is_an_error, evaluate, finish_distributed, grad_scaler, init_model,
                          interval_record, make_logger, optimizer_step, param_groups, peak_memory_gb, prepare_out_dir,
                          reset_peak_memory, restore_optimizer, save_run, save_val_segments, set_lr, setup_distributed,
-                         shapes_data, step_seed, stop_if_not_finite, tome_patch, sync, unwrap,
-                         wrap_model)
+                         shapes_data, step_seed, stop_if_not_finite, tome_patch, sync, unwrap, wrap_model)
 
 # -----------------------------------------------------------------------------------------------
 # defaults: the CPU demo, a small DTP-ViT (4x pooling) trained from scratch on the shapes folders at 48 px
@@ -59,7 +58,7 @@ short_layers = 4            # blocks after pooling (None: the architecture's dep
 boundary = 'gumbel'         # 'gumbel' (the paper), 'fixed' or 'none' (plain ViT); routers.py: 'router', 'color', 'cosine'
 compression = 4.0           # target patches per segment
 temperature = 0.5           # Gumbel-Sigmoid temperature
-eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5)
+eval_boundaries = 'topk'    # 'topk' (round(N / compression) per image) or 'threshold' (p > 0.5; routers.py: calibrated)
 pool = 'cls'                # image embedding: 'cls' token or 'mean' of the segments
 router = None               # routers.py's settings (RouterConfig fields) for its rules, e.g. dict(min_segment=2)
 tome_r = 0                  # ToMe (tome.py) on the plain ViT: tokens merged per block (0: off)
@@ -199,9 +198,10 @@ def validate():
     """Top-1/top-5 (percent) and compression on the whole val set (rank 0), and a picture of the segments."""
     m = unwrap(net)
     m.eval()
+    threshold = calibrate_threshold(m.visual, val_loader, device, precision)
     before = val_loader.dataset.skipped.value  # a running count; the picture below reads a batch again
-    result = evaluate(m, val_loader, device, precision, object_patches,
-                      shapes['groups'] if data_dir == 'shapes' else None)
+    result = dict(evaluate(m, val_loader, device, precision, object_patches,
+                           shapes['groups'] if data_dir == 'shapes' else None), **threshold)
     skipped = val_loader.dataset.skipped.value - before  # unreadable val images this evaluation skipped
     if m.visual.cfg.boundary != 'none':
         save_val_segments(os.path.join(out_dir, f'boundaries_{step}.png'), m.visual, val_loader, device, precision)

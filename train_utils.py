@@ -721,6 +721,17 @@ def boundary_confidence(logits, boundaries):
 
 
 @torch.no_grad()
+def calibrate_threshold(visual, loader, device, precision='fp32'):
+    """routers.py's router evaluated with eval_boundaries='threshold': its cut threshold, set on the images of
+    loader (labels unused) so that their mean segment count is the target (RouterViT.calibrate): per-image
+    counts at top-k's mean cost. Returns what to log ({} for any other tower)."""
+    if visual.cfg.eval_boundaries != 'threshold' or not hasattr(visual, 'calibrate'):
+        return {}
+    with autocast(device, precision):  # as evaluation computes the scores
+        threshold, _ = visual.calibrate(batch[0].to(device) for batch in loader if batch is not None)
+    return dict(cut_threshold=threshold)
+
+
 def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None, groups=None):
     """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
     over a loader of (images, labels) batches (None batches skipped). With object_patches ((n, N) bool,

@@ -285,8 +285,38 @@ def test_every_patch_is_pooled_exactly_once():
         assert torch.allclose(membership.sum(0), torch.ones(N))  # every patch in exactly one segment
         assert torch.allclose(membership, membership.round())
         assert (counts[i, :S] > 0).all() and (pooled[i, S:] == 0).all()  # padding is empty
-        assert valid is None or valid[i].sum() == S
+        assert valid[i].tolist() == [True] * S + [False] * (len(valid[i]) - S)  # counts differ: padding marked
+        assert sizes[i].tolist() == counts[i, :S].tolist() + [0] * (sizes.shape[1] - S)  # patches per segment
     assert n_segments[0] == 1 and n_segments[2] == N
+    assert M.pool_segments(x, M.fixed_boundaries(B, N, 7))[1] is None  # equal counts: nothing padded, no mask
+
+
+def test_the_pooling_gradient_is_the_papers_trick():
+    """Written out patch by patch, the DTP paper's pooling: a patch's weight in its own segment is
+    1 + (seg_t - seg_t without gradient), 1 in value, d weight / d seg_t = +1, where seg_t is the number of boundaries
+    before patch t; a segment is the weighted mean of its patches, its size the sum of their weights. pool_segments
+    gives the same values, and the same gradients to x and to the boundaries b, through the means and the sizes."""
+    torch.manual_seed(0)
+    B, N, D = 3, 12, 5
+    x = torch.randn(B, N, D, requires_grad=True)
+    b = (torch.rand(B, N) < 0.3).float()
+    b[:, -1] = 1
+    b.requires_grad_()
+    pooled, _, sizes = M.pool_segments(x, b)
+    by_hand, hand_sizes = torch.zeros_like(pooled), torch.zeros_like(sizes)
+    for i in range(B):
+        seg = [b[i, :t].sum() for t in range(N)]  # boundaries strictly before patch t
+        for s in range(int(b[i].sum())):
+            members = [t for t in range(N) if round(seg[t].item()) == s]
+            weights = [1 + seg[t] - seg[t].detach() for t in members]
+            by_hand[i, s] = sum(w * x[i, t] for w, t in zip(weights, members)) / sum(weights)
+            hand_sizes[i, s] = sum(weights)
+    assert torch.allclose(pooled, by_hand, atol=1e-6) and torch.equal(sizes.detach(), hand_sizes.detach())
+    g, h = torch.randn_like(pooled), torch.randn_like(sizes)
+    ours = torch.autograd.grad((pooled * g).sum() + (sizes * h).sum(), (x, b))
+    theirs = torch.autograd.grad((by_hand * g).sum() + (hand_sizes * h).sum(), (x, b))
+    assert ours[1].abs().max() > 0.1  # the boundaries get a gradient
+    assert all(torch.allclose(a, c, atol=1e-5) for a, c in zip(ours, theirs))
 
 
 def test_last_patch_always_closes_a_segment():
@@ -351,6 +381,17 @@ def test_fixed_boundaries_are_made_on_the_device_asked_for():
     without a GPU."""
     assert M.fixed_boundaries(2, 36, 9, device='meta').device.type == 'meta'
     assert M.fixed_boundaries(2, 36, 9).device.type == 'cpu'
+
+
+def test_pooling_builds_everything_on_the_device_of_its_input_and_checks_the_count_given():
+    """pool_segments on the meta device (a tensor built on the CPU instead would meet meta tensors and fail, as a
+    GPU's would), with the count given (no host sync); and a count that is not the boundaries' is an error that
+    says so (on a GPU it surfaces at the next sync)."""
+    b = M.fixed_boundaries(2, 36, 9, device='meta')
+    pooled, real, sizes = M.pool_segments(torch.zeros(2, 36, 8, device='meta'), b, 9)
+    assert (pooled.device.type, sizes.device.type, tuple(pooled.shape), real) == ('meta', 'meta', (2, 9, 8), None)
+    with pytest.raises(RuntimeError, match='^pool_segments: a segment count is not the one given$'):
+        M.pool_segments(torch.zeros(2, 36, 8), M.fixed_boundaries(2, 36, 9), 8)
 
 
 def test_gumbel_sigmoid_draws_bernoulli_with_logistic_noise_and_the_straight_through_gradient():

@@ -176,6 +176,27 @@ def test_evaluate_scores_each_half_of_a_shapes_class_on_its_own():
     assert 'colour_top1' not in evaluate(logits_fn, loader, torch.device('cpu'))
 
 
+def test_evaluation_and_the_threshold_calibration_build_no_graph():
+    """Evaluation runs without autograd (a graph of every val batch would hold their activations), and so does
+    the router's threshold calibration that precedes it; calibration is nothing for a tower without it."""
+    import routers
+    grad_enabled = []
+
+    def logits_fn(images):
+        grad_enabled.append(torch.is_grad_enabled())
+        return torch.zeros(len(images), 3), dict(boundaries=torch.ones(len(images), 4), n_segments=torch.full((2,), 4))
+    evaluate(logits_fn, [(torch.zeros(2, 1), torch.zeros(2, dtype=torch.long))], torch.device('cpu'))
+    tower = routers.RouterViT(routers.RouterConfig(image_size=16, patch_size=4, width=16, heads=2, embed_dim=8,
+                                                   pre_layers=1, short_layers=1, eval_boundaries='threshold'))
+    scores = []
+    tower.cut_scores = lambda images: (None, scores.append(torch.is_grad_enabled()) or torch.randn(len(images), 16))
+    loader = [(torch.zeros(2, 3, 16, 16), torch.zeros(2)), None]  # None: a batch of unreadable images
+    assert set(train_utils.calibrate_threshold(tower, loader, torch.device('cpu'))) == {'cut_threshold'}
+    assert grad_enabled == [False] and scores == [False]
+    tower.cfg.eval_boundaries = 'topk'
+    assert train_utils.calibrate_threshold(tower, loader, torch.device('cpu')) == {}
+
+
 def test_a_val_set_without_a_readable_image_is_no_crash(tmp_path):
     """Unreadable images come as None batches (data.collate): evaluation scores NaN and the picture of
     the segments takes the first readable batch, instead of a crash that would lose the run's last steps."""

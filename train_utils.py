@@ -720,7 +720,6 @@ def boundary_confidence(logits, boundaries):
                 images_with_margin=both.sum().item())
 
 
-@torch.no_grad()
 def calibrate_threshold(visual, loader, device, precision='fp32'):
     """routers.py's router evaluated with eval_boundaries='threshold': its cut threshold, set on the images of
     loader (labels unused) so that their mean segment count is the target (RouterViT.calibrate): per-image
@@ -732,6 +731,7 @@ def calibrate_threshold(visual, loader, device, precision='fp32'):
     return dict(cut_threshold=threshold)
 
 
+@torch.no_grad()
 def evaluate(logits_fn, loader, device, precision='fp32', object_patches=None, groups=None):
     """Top-1/top-5 accuracy (percent) and the achieved compression of logits_fn(images) -> (logits, aux)
     over a loader of (images, labels) batches (None batches skipped). With object_patches ((n, N) bool,

@@ -191,15 +191,13 @@ def pool_segments(x, b, count=None):
         lo = hi = count
     seg = segment_ids(b)  # a whole number in value, but it carries b's gradient
     dist = torch.arange(hi, device=x.device) - seg.unsqueeze(-1)  # (B, N, S), in seg's float dtype
-    # The DTP paper's trick: weight 1 - dist where dist == 0 (patch t lies in segment s), else 0.
-    # In value that is the 0/1 membership; in gradient d weight / d seg = 1, so the task loss reaches
-    # the predictor through the pooling. (Comparing ids with == alone sends it no gradient at all.)
+    # The DTP paper's trick: weight 1 - dist where dist == 0 (patch t lies in segment s), else 0: the 0/1 membership
+    # in value, d weight / d seg = 1 in gradient, so the task loss reaches the predictor (== alone sends it none).
     w = torch.where(dist.detach() == 0, 1 - dist, torch.zeros_like(dist))
     sizes = w.sum(dim=1)
-    # The mean over each segment's patches, divided by the size with its gradient, as the paper's code does: a
-    # segment of one patch is that patch, whatever its weight. (clamp(min=1) had no gradient at a size of exactly 1,
-    # and sent such segments' boundaries a gradient of their patch's whole value.) Padding (size 0) stays 0.
-    w = w / torch.where(sizes.detach() > 0, sizes, torch.ones_like(sizes)).unsqueeze(1)
+    # The mean, divided by the size with its gradient as the paper's code does, so that a one-patch segment's mean
+    # does not depend on its weight (clamp(min=1) has no gradient at 1). Padding (size 0) is divided by 1.
+    w = w / (sizes + (sizes.detach() == 0)).unsqueeze(1)
     pooled = torch.einsum('bns,bnd->bsd', w.to(x.dtype), x)
     real = None if lo == hi else sizes.detach() > 0  # a real segment holds a patch, padding none
     return pooled, real, sizes

@@ -330,6 +330,37 @@ def test_last_patch_always_closes_a_segment():
     assert aux['n_segments'].tolist() == [1] * 8
 
 
+def test_threshold_evaluation_cuts_where_p_is_above_one_half_strictly():
+    """eval_boundaries='threshold' keeps b = 1 where p > 0.5: logits of exactly 0 (p = 0.5) cut nowhere but at the
+    last patch, logits just above cut everywhere."""
+    vit = DTPViT(tiny(eval_boundaries='threshold')).eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        vit.predictor[-1].weight.zero_()
+        for bias, expected in [(0.0, 1), (1e-6, 64), (-1e-6, 1)]:
+            vit.predictor[-1].bias.fill_(bias)
+            assert vit(images)[1]['n_segments'].tolist() == [expected] * 3, bias
+
+
+@pytest.mark.parametrize('boundary', ['none', 'fixed', 'gumbel'])
+def test_boundaries_stay_float32_in_a_bfloat16_model(boundary):
+    """Boundaries are counted (segment ids are their running sum): in bfloat16 a count stops being exact at 256,
+    so they stay float32 in a model cast to bfloat16. 324 patches: the last one's segment id must be 323."""
+    vit = DTPViT(tiny(boundary=boundary, image_size=72, compression=1)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        if boundary == 'gumbel':
+            vit.predictor[-1].bias.fill_(10.0)  # every patch a boundary, as the other two rules at compression 1
+        _, aux = vit(torch.randn(2, 3, 72, 72, dtype=torch.bfloat16))
+    assert aux['boundaries'].dtype == torch.float32
+    assert aux['segment_ids'][:, -1].tolist() == [323, 323] and aux['n_segments'].tolist() == [324, 324]
+
+
+def test_the_plain_vit_refuses_boundaries_to_pool():
+    """boundary='none' pools nothing, so given boundaries would be silently ignored: an error names the fix."""
+    with pytest.raises(ValueError, match="^boundary='none' pools nothing: build the tower with 'fixed' to pool given"):
+        DTPViT(tiny(boundary='none'))(torch.randn(2, 3, 32, 32), boundaries=torch.ones(2, 64))
+
+
 # 6. boundary prior -----------------------------------------------------------------------------
 
 def test_boundary_loss_is_the_binomial_nll():
@@ -381,6 +412,22 @@ def test_fixed_boundaries_are_made_on_the_device_asked_for():
     without a GPU."""
     assert M.fixed_boundaries(2, 36, 9, device='meta').device.type == 'meta'
     assert M.fixed_boundaries(2, 36, 9).device.type == 'cpu'
+    b, count, _ = DTPViT(tiny(boundary='fixed')).segment(torch.zeros(2, 64, 32, device='meta'))  # and by the tower
+    assert (b.device.type, tuple(b.shape), count) == ('meta', (2, 64), 16)
+    b, count, _ = DTPViT(tiny(boundary='fixed')).segment(torch.zeros(2, 64, 32, device='meta'), torch.ones(2, 64))
+    assert (b.device.type, count) == ('meta', None)  # given boundaries (flops.py's, on the CPU) are moved there
+
+
+def test_given_boundaries_of_any_dtype_pool_as_float_ones():
+    """Boundaries given as integers or booleans pool exactly as the same 0/1 floats do."""
+    torch.manual_seed(0)
+    vit = DTPViT(tiny(boundary='fixed')).eval()
+    images, b = torch.randn(2, 3, 32, 32), torch.rand(2, 64) < 0.3
+    with torch.no_grad():
+        expected, aux = vit(images, boundaries=b.float())
+        for given in [b, b.long()]:
+            features, aux = vit(images, boundaries=given)
+            assert aux['boundaries'].dtype == torch.float32 and torch.equal(features, expected), given.dtype
 
 
 def test_pooling_builds_everything_on_the_device_of_its_input_and_checks_the_count_given():

@@ -1,9 +1,12 @@
 """Tests of train_utils.py: the configurator and the shared training plumbing."""
 import errno
 import os
+import re
+import shutil
 import subprocess
 import sys
 import traceback
+import types
 from pathlib import Path
 
 import pytest
@@ -68,6 +71,18 @@ def test_resume_compares_an_old_checkpoints_model_as_arch():
     check_resume(dict(arch='ViT-B-32', batch_size=64), old, ['arch', 'batch_size'], 'ckpt.pt')
     with pytest.raises(SystemExit, match=r"arch='ViT-B-16' \(checkpoint: 'ViT-B-32'\)"):
         check_resume(dict(arch='ViT-B-16', batch_size=64), old, ['arch', 'batch_size'], 'ckpt.pt')
+
+
+def test_resume_names_every_conflicting_setting_and_takes_a_checkpoint_without_settings():
+    saved = dict(config=dict(arch='ViT-B-32', batch_size=64, lr=1e-3, seed=0))
+    config = dict(arch='ViT-B-32', batch_size=32, lr=1e-3, seed=1)
+    check_resume(config, saved, ['arch', 'lr'], 'out/ckpt.pt')  # a setting not in keys may change
+    with pytest.raises(SystemExit) as stop:
+        check_resume(config, saved, ['arch', 'batch_size', 'lr', 'seed'], 'out/ckpt.pt')
+    assert str(stop.value) == ("init_from='resume': batch_size=32 (checkpoint: 64), seed=1 (checkpoint: 0) differ "
+                               "from out/ckpt.pt; resume with the checkpoint's values, or start a new run in a new "
+                               "out_dir to change them")
+    check_resume(config, {}, ['arch', 'batch_size'], 'out/ckpt.pt')  # saved without settings: nothing to compare
 
 
 def test_cosine_schedule():
@@ -411,6 +426,95 @@ def test_disk_full_is_a_clear_error_and_leaves_no_temporary_file(tmp_path, monke
     assert os.listdir(tmp_path) == ['ckpt.pt'] and torch.load(path, weights_only=True) == {'step': 1}
 
 
+@pytest.mark.parametrize('in_cwd', [False, True])
+@pytest.mark.parametrize('error, reason', [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 'No space left on device'),
+    (RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed\nfrom a C++ frame'),
+     'PytorchStreamWriter failed writing file data/0: file write failed')])  # torch's own way of saying it
+def test_a_failed_checkpoint_write_names_its_reason_and_the_free_space_where_it_writes(
+        tmp_path, monkeypatch, error, reason, in_cwd):
+    asked = []
+
+    def disk_usage(where):
+        asked.append(where)
+        return types.SimpleNamespace(free=6 * 2 ** 20 + 1000)
+
+    def fails(obj, f):
+        raise error
+    monkeypatch.setattr(shutil, 'disk_usage', disk_usage)
+    monkeypatch.setattr(torch, 'save', fails)
+    if in_cwd:
+        monkeypatch.chdir(tmp_path)
+    path = 'ckpt.pt' if in_cwd else str(tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit) as stop:
+        save_checkpoint({'step': 1}, path)
+    assert str(stop.value) == (f'could not write the checkpoint {path}: {reason} (6 MiB free there); '
+                               f'the previous checkpoint, if any, is intact')
+    assert asked == ['.' if in_cwd else str(tmp_path)] and os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_into_a_deleted_out_dir_and_other_errors(tmp_path, monkeypatch):
+    """out_dir deleted under the run: the error says so (no temporary file to remove, no disk to measure);
+    an error that is not a failed write propagates as it is, and leaves no temporary file either."""
+    with pytest.raises(SystemExit, match=r"gone/ckpt\.pt: No such file or directory \(no such directory\)"):
+        save_checkpoint({'step': 1}, str(tmp_path / 'gone' / 'ckpt.pt'))
+
+    def fails(obj, f):
+        f.write(b'x')
+        raise RuntimeError('CUDA error: an illegal memory access was encountered')
+    monkeypatch.setattr(torch, 'save', fails)
+    with pytest.raises(RuntimeError, match='^CUDA error: an illegal memory access'):
+        save_checkpoint({'step': 1}, str(tmp_path / 'ckpt.pt'))
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_run_writes_the_training_state_and_restore_optimizer_reads_it_back(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler('cpu', init_scale=512.0)
+    module(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    monkeypatch.setattr(sys, 'argv', ['/somewhere/train_clip.py', '--seed=1'])
+    path, log = tmp_path / 'ckpt.pt', tmp_path / 'log.jsonl'
+    train_utils.save_run(str(path), module, optimizer, scaler, 7, torch.tensor(2.5), 'cpu', 1, False)
+    assert not path.exists()  # only rank 0 writes
+    train_utils.save_run(str(path), module, optimizer, scaler, 7, torch.tensor(2.5), 'cpu', 1, True, config={'a': 1})
+    ckpt = torch.load(path, weights_only=True)
+    assert sorted(ckpt) == ['config', 'model', 'optimizer', 'scaler', 'script', 'step', 'world_size']
+    assert (ckpt['step'], ckpt['script'], ckpt['world_size'], ckpt['config']) == (7, 'train_clip.py', 1, {'a': 1})
+    assert all(torch.equal(ckpt['model'][k], v) for k, v in module.state_dict().items())
+    assert ckpt['scaler'] == scaler.state_dict() and ckpt['scaler']['scale'] == 512.0
+
+    log.write_text('{"step": 5}\n{"step": 10}\n')
+    fresh = torch.optim.AdamW(module.parameters(), lr=0.1)
+    fresh_scaler = torch.amp.GradScaler('cpu', init_scale=2.0)
+    train_utils.restore_optimizer(ckpt, fresh, fresh_scaler, str(log), master=False)
+    assert log.read_text() == '{"step": 5}\n{"step": 10}\n'  # only rank 0 touches the log
+    train_utils.restore_optimizer(ckpt, fresh, fresh_scaler, str(log), master=True)
+    assert log.read_text() == '{"step": 5}\n' and fresh_scaler.get_scale() == 512.0
+    state, saved = fresh.state_dict()['state'][0], optimizer.state_dict()['state'][0]
+    assert all(torch.equal(state[k], saved[k]) for k in ('step', 'exp_avg', 'exp_avg_sq'))
+
+
+@pytest.mark.parametrize('bad', ['loss', 'weights'])
+def test_save_run_never_writes_non_finite_weights_and_says_what_it_kept(tmp_path, bad):
+    module = torch.nn.Linear(3, 2)
+    optimizer, scaler = torch.optim.SGD(module.parameters(), lr=0.1), torch.amp.GradScaler(enabled=False)
+    loss = torch.tensor(float('nan') if bad == 'loss' else 1.0)
+    if bad == 'weights':
+        with torch.no_grad():
+            module.bias[1] = float('inf')
+    path = tmp_path / 'ckpt.pt'
+    message = r"^step 12: the loss or the weights are NaN or infinite, training diverged; stopped, {}\. Try a lower lr"
+    with pytest.raises(SystemExit, match=message.format('no checkpoint was written')):
+        train_utils.save_run(str(path), module, optimizer, scaler, 12, loss, 'cpu', 1, True)
+    save_checkpoint({'step': 10}, str(path))
+    with pytest.raises(SystemExit, match=message.format(f'{path} is left as it was')):
+        train_utils.save_run(str(path), module, optimizer, scaler, 12, loss, 'cpu', 1, True)
+    assert torch.load(path, weights_only=True) == {'step': 10}
+
+
 def test_two_runs_saving_at_once_do_not_collide(tmp_path, monkeypatch):
     path = str(tmp_path / 'ckpt.pt')
     save = torch.save
@@ -425,7 +529,26 @@ def test_two_runs_saving_at_once_do_not_collide(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=True) == {'step': 1} and os.listdir(tmp_path) == ['ckpt.pt']
 
 
-def test_a_new_run_moves_the_log_of_a_run_without_checkpoint_aside(tmp_path):
+def test_out_dir_holding_a_checkpoint_is_only_resumed_or_evaluated(tmp_path):
+    """prepare_out_dir refuses a new run into an out_dir with a ckpt.pt (its first save would replace it), lets
+    a resume or an evaluation in, and returns the paths of the log and the checkpoint; the run holds out_dir/.lock."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(b'a checkpoint')
+    with pytest.raises(SystemExit, match=rf"^{out}/ckpt\.pt exists: pass --init_from=resume to continue that run, "
+                                         r"or a new --out_dir \(or delete it\) to start another$"):
+        prepare_out_dir(str(out), 'scratch', False)
+    for init_from, eval_only in [('resume', False), ('scratch', True), (str(out / 'ckpt.pt'), True)]:
+        try:
+            paths = prepare_out_dir(str(out), init_from, eval_only)
+            assert paths == (str(out / 'log.jsonl'), str(out / 'ckpt.pt'))
+            assert sorted(os.listdir(out)) == ['.lock', 'ckpt.pt']
+        finally:
+            train_utils._locks.pop().close()
+    assert (out / 'ckpt.pt').read_bytes() == b'a checkpoint'
+
+
+def test_a_new_run_moves_the_log_of_a_run_without_checkpoint_aside(tmp_path, capsys):
     """A run killed before its first checkpoint, started again: its log lines are kept in a file of their
     own instead of mixing with the new run's (both would have a step 10)."""
     out = tmp_path / 'run'
@@ -438,6 +561,16 @@ def test_a_new_run_moves_the_log_of_a_run_without_checkpoint_aside(tmp_path):
     assert not os.path.exists(log_file)
     kept = [p for p in os.listdir(out) if p.startswith('log.') and p != 'log.jsonl']
     assert len(kept) == 1 and (out / kept[0]).read_text() == '{"step": 10, "loss": 4.0}\n'
+    assert re.fullmatch(r'log\.\d{8}-\d{6}\.jsonl', kept[0])  # when it was moved: two such logs never collide
+    assert capsys.readouterr().err == (f'{log_file}: the log of an earlier run without a checkpoint, moved to '
+                                       f'{out / kept[0]}\n')
+    (out / 'log.jsonl').write_text('{"step": 20}\n')
+    for init_from, eval_only in [('resume', False), ('scratch', True)]:  # a resumed or evaluated run's log stays
+        try:
+            prepare_out_dir(str(out), init_from, eval_only)
+        finally:
+            train_utils._locks.pop().close()
+        assert (out / 'log.jsonl').read_text() == '{"step": 20}\n'
 
 
 def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path):
@@ -445,6 +578,8 @@ def test_resume_drops_the_log_lines_after_the_checkpoint(tmp_path):
     log.write_text('{"params_M": 1}\n{"step": 5}\n{"step": 10}\n{"step": 15}\n{"epoch_end": 0, "step": 15}\n{"st')
     trim_log(str(log), 10)
     assert log.read_text() == '{"params_M": 1}\n{"step": 5}\n{"step": 10}\n'
+    trim_log(str(log), 0)  # the run headers, without a step, stay whatever the step
+    assert log.read_text() == '{"params_M": 1}\n'
 
 
 HERE = Path(__file__).parent

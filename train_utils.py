@@ -501,9 +501,12 @@ def save_checkpoint(obj, path):
             os.remove(tmp)
         # torch reports a full disk as OSError or as RuntimeError('... file write failed')
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and 'write' in str(e)):
-            free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
+            where = os.path.dirname(path) or '.'  # gone if out_dir was deleted under the run
+            free = 'no such directory'
+            if os.path.isdir(where):
+                free = f'{shutil.disk_usage(where).free / 2 ** 20:.0f} MiB free there'
             reason = os.strerror(e.errno) if getattr(e, 'errno', None) else str(e).splitlines()[0]
-            raise SystemExit(f'could not write the checkpoint {path}: {reason} ({free:.0f} MiB free there); '
+            raise SystemExit(f'could not write the checkpoint {path}: {reason} ({free}); '
                              f'the previous checkpoint, if any, is intact') from None
         raise
 
@@ -579,7 +582,7 @@ def _diverged(step, ckpt_path):
                       f'{kept}. Try a lower lr or grad_clip > 0')
 
 
-def stop_if_not_finite(tensors, step, ckpt_path, device, world_size=1):
+def stop_if_not_finite(tensors, step, ckpt_path, device, world_size):
     """Stop every rank when a tensor (the loss summed since the last check, the weights) holds a NaN or
     an infinity: a diverged run must not overwrite the last good checkpoint. One host sync (and one
     all_reduce under DDP, so that all ranks stop together): called at log and checkpoint time, not per step."""

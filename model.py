@@ -204,10 +204,9 @@ def pool_segments(x, b, count=None):
 
 
 class Packing:
-    """The real tokens of a padded batch, packed. Padding must never be attended to (a key-padding mask) and
-    need not be computed either: LayerNorms, projections and MLPs (nearly all the FLOPs) run on the T real
-    tokens as (T, D); only attention sees the (B, L) layout. Computing the padding cost 20-25% of a training
-    step with sampled segment counts."""
+    """The real tokens of a padded batch, packed. Padding must never be attended to (a key-padding mask) and need
+    not be computed either: LayerNorms, projections and MLPs (nearly all the FLOPs) run on the T real tokens as
+    (T, D); only attention sees the (B, L) layout. Computing the padding cost 20-25% of a sampled-count step."""
 
     def __init__(self, real):
         self.batch, self.length = real.shape                        # real: (B, L) bool
